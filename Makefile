@@ -1,0 +1,51 @@
+# fsw: `make install` sets everything up on a fresh machine, `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+NODE_TESTS := tests/node
+
+.PHONY: install install-gpu test lint bench bench-quick reliability clean
+
+install: $(VENV)/.installed
+	@$(PY) -m matcher.onnx_convert >/dev/null && echo "ONNX model ready"
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(NODE_TESTS) && npm ci --silent --no-audit --no-fund; \
+	else echo "npm not found: install Node.js 18+ and npm (apt-get install nodejs npm) for the Node client tests"; exit 1; fi
+	@command -v redis-server >/dev/null 2>&1 || echo "note: redis-server not found; the tests need it (apt-get install redis-server)"
+
+# dlib-bin is a prebuilt dlib; face_recognition goes in with --no-deps so pip never compiles the dlib sdist.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools<81" wheel
+	$(PIP) install -q "dlib-bin>=20.0.1" "face-recognition-models>=0.3.0"
+	$(PIP) install -q --no-deps "face_recognition==1.3.0"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+# FAISS and ONNX Runtime on CUDA: every FAISS wheel installs the same `faiss` module, so the CPU
+# wheels go first.
+install-gpu: install
+	$(PIP) install -q -e ".[gpu]"
+	$(PIP) uninstall -q -y faiss-cpu onnxruntime
+	$(PIP) install -q --force-reinstall --no-deps "faiss-gpu>=1.15.1" "onnxruntime-gpu>=1.18"
+
+test:
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . || true
+
+bench:
+	$(PY) -m bench.run
+
+bench-quick:
+	$(PY) -m bench.run --quick
+
+reliability:
+	$(PY) -m pytest -q tests/reliability --reliability-full
+
+clean:
+	rm -rf $(VENV) $(NODE_TESTS)/node_modules .pytest_cache .ruff_cache

@@ -1,0 +1,234 @@
+"""`fsw-index`: build, extend, inspect and search a face gallery from the command line.
+
+Each command is a thin face on a library call (`indexer.pipeline`, `matcher`); library errors become
+one clear line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from indexer.pipeline import Summary, index_photos
+from indexer.progress import ProgressLine
+from matcher import layout
+from matcher.encoder import Encoder, EncoderSettings, default_detector
+from matcher.errors import FswError
+from matcher.gallery import Gallery
+from matcher.query import search_selfie
+from matcher.search import DEFAULT_THRESHOLD
+from matcher.store import GalleryWriter
+
+DEFAULT_GALLERY = "gallery"
+
+
+def _gallery_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--gallery",
+        "-g",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="FSW_GALLERY",
+        default=DEFAULT_GALLERY,
+        show_default=True,
+        help="Gallery folder (env FSW_GALLERY).",
+    )(f)
+
+
+def _encoder_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--detector", type=click.Choice(["hog", "cnn"]), help="Face detector [default: hog; cnn with CUDA dlib]."
+        ),
+        click.option(
+            "--max-side", type=click.IntRange(80, 20000), help="Long side scaled to for detection [default: 1600]."
+        ),
+        click.option("--upsample", type=click.IntRange(0, 3), help="Detector upsampling for small faces [default: 1]."),
+        click.option("--jitters", type=click.IntRange(1, 100), help="Re-samplings averaged per face [default: 1]."),
+        click.option("--encoder", "engine", type=click.Choice(["onnx", "dlib"]), default="onnx", show_default=True,
+                     help="Descriptor engine; both give the same descriptors."),
+        click.option("--jobs", "-j", type=click.IntRange(1, 256), help="Encoder processes [default: every core]."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _errors(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Library errors become one line on stderr and exit 1."""
+
+    @wraps(f)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except FswError as e:
+            raise click.ClickException(str(e)) from None
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+
+    return run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="fsw")
+def main() -> None:
+    """Build and search the face gallery that fsw-worker answers jobs from."""
+
+
+@main.command()
+@click.argument("photos_dir", type=click.Path(path_type=Path))
+@_gallery_option
+@_encoder_options
+@_errors
+def build(photos_dir: Path, gallery: Path, jobs: int | None, **encoder: Any) -> None:
+    """Index every photo under PHOTOS_DIR (jpg, jpeg, png, webp) into a new gallery.
+
+    Photo ids are paths relative to PHOTOS_DIR. Run the same command again after Ctrl-C or a crash
+    to resume: finished photos are not encoded again.
+
+        fsw-index build /srv/convocation/photos --gallery /srv/fsw/gallery
+    """
+    if not photos_dir.is_dir():
+        raise FswError(f"{photos_dir} is not a folder of photos")
+    settings = _settings(encoder, recorded=_recorded_if_gallery(gallery))
+    _index(gallery, [photos_dir], settings, jobs, "build", photo_root=photos_dir)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_gallery_option
+@_encoder_options
+@_errors
+def add(paths: tuple[Path, ...], gallery: Path, jobs: int | None, **encoder: Any) -> None:
+    """Index new photos or folders (below the gallery's photo root), e.g. a new event's stage.
+
+    Photos already indexed are skipped; the cost is that of the new photos only.
+
+        fsw-index add /srv/convocation/photos/Day-3 --gallery /srv/fsw/gallery
+    """
+    settings = _settings(encoder, recorded=layout.read_manifest(gallery).settings)
+    _index(gallery, list(paths), settings, jobs, "add")
+
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True)
+@_gallery_option
+@_errors
+def remove(targets: tuple[str, ...], gallery: Path) -> None:
+    """Take photos (by id) or whole stages (folders) out of the gallery.
+
+        fsw-index remove Day-1/Morning/IMG_0042.jpg Day-2/Evening
+    """
+    recorded = layout.read_manifest(gallery).settings
+    with GalleryWriter(gallery, recorded, command="fsw-index remove") as writer:
+        removed = writer.remove(list(targets))
+        if not removed:
+            raise FswError(f"nothing in the gallery matches {', '.join(targets)}")
+        manifest = writer.commit()
+    click.echo(f"removed {len(removed)} photos; gallery version {manifest.version}")
+
+
+@main.command()
+@_gallery_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_errors
+def info(gallery: Path, as_json: bool) -> None:
+    """Counts by stage, faces, encoder settings, version and size on disk."""
+    g = Gallery.open(gallery)
+    stats = g.stats()
+    size = sum(p.stat().st_size for p in gallery.iterdir() if p.is_file())
+    out = {
+        "gallery": str(gallery),
+        "version": stats.version,
+        "photos": stats.photos,
+        "faces": stats.faces,
+        "photos_without_faces": stats.photos_without_faces,
+        "photo_root": g.manifest.photo_root,
+        "settings": g.settings,
+        "bytes_on_disk": size,
+        "stages": dict(sorted(stats.stages.items())),
+    }
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"gallery {gallery}: version {stats.version}, {stats.photos} photos, {stats.faces} faces, "
+               f"{stats.photos_without_faces} photos without a face, {size / 1e6:.1f} MB on disk")
+    click.echo(f"photo root: {g.manifest.photo_root}")
+    click.echo("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(g.settings.items())))
+    click.echo("stages:")
+    for stage, n in sorted(stats.stages.items()):
+        click.echo(f"  {stage or '(root)'}: {n} photos")
+
+
+@main.command()
+@click.argument("selfie", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_gallery_option
+@click.option("--stage", default="", help="Only photos under this folder, e.g. Day-1/Morning.")
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+              help="Similarity a match must exceed (similarity = 1 - distance).")
+@click.option("--limit", type=click.IntRange(1), help="At most this many photos.")
+@click.option("--encoder", "engine", type=click.Choice(["onnx", "dlib"]), default="onnx", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result array a worker job returns.")
+@_errors
+def search(selfie: Path, gallery: Path, stage: str, threshold: float, limit: int | None, engine: str,
+           as_json: bool) -> None:
+    """Photos of the person in SELFIE: the answer a worker job gives, without a queue.
+
+        fsw-index search me.jpg --stage Day-1/Morning --json
+    """
+    g = Gallery.open(gallery)
+    encoder = Encoder(EncoderSettings.from_recorded(g.settings, engine=engine))
+    matches = search_selfie(g, encoder, selfie, stage, threshold, limit)
+    if as_json:
+        click.echo(json.dumps([m.to_dict() for m in matches]))
+        return
+    if not matches:
+        click.echo("no photos found")
+    for m in matches:
+        click.echo(f"{m.similarity:.4f}  {m.id}  box={list(m.box)}")
+
+
+def _settings(options: dict[str, Any], recorded: dict[str, Any] | None) -> EncoderSettings:
+    """Settings from flags; for an existing gallery, the gallery's values where a flag is not given."""
+    given = {k: v for k, v in options.items() if v is not None}
+    base = EncoderSettings.from_recorded(recorded).as_dict() if recorded else {"detector": default_detector()}
+    return EncoderSettings(**{**base, **given})
+
+
+def _recorded_if_gallery(gallery: Path) -> dict[str, Any] | None:
+    return layout.read_manifest(gallery).settings if layout.is_gallery(gallery) else None
+
+
+def _index(gallery: Path, paths: list[Path], settings: EncoderSettings, jobs: int | None, command: str,
+           photo_root: Path | None = None) -> None:
+    line = ProgressLine()
+    try:
+        summary = index_photos(gallery, paths, settings, photo_root=photo_root, jobs=jobs, command=command,
+                               on_progress=line)
+    finally:
+        line.close()
+    _print_summary(summary)
+    if summary.interrupted:
+        click.echo("interrupted: finished photos are committed; run the same command again to resume", err=True)
+        sys.exit(130)
+
+
+def _print_summary(s: Summary) -> None:
+    click.echo(
+        f"{s.command}: {s.photos_found} photos found, {s.photos_indexed} indexed, {s.photos_already_indexed} "
+        f"already indexed, {s.faces} faces, {s.photos_without_faces} photos without a face, "
+        f"{len(s.skipped)} skipped, {s.elapsed_s:.1f} s; gallery version {s.version}"
+    )
+    for item in s.skipped:
+        click.echo(f"  skipped {item['path']}: {item['reason']}")
+    click.echo(f"summary written to {Path(s.gallery) / layout.SUMMARY_NAME}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name=os.path.basename(sys.argv[0]))

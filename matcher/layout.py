@@ -1,0 +1,141 @@
+"""The files of a gallery folder, its manifest and its writer's lock.
+
+    gallery.h5          the source of truth (see `store`)
+    index-v<N>.faiss    a FAISS IndexFlatL2 of the first `index_faces` face rows (a cache of gallery.h5)
+    manifest.json       written last, by atomic rename: names the committed version and row counts
+    .lock               held (flock) by the one writer; records its pid and command
+    last-run.json       the summary of the last build or add
+
+Readers load what the manifest names and ignore rows past its counts, so a writer that dies before the
+rename leaves the previous version readable.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matcher.errors import GalleryError, GalleryLockedError
+
+FORMAT = 1
+H5_NAME = "gallery.h5"
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".lock"
+SUMMARY_NAME = "last-run.json"
+
+
+@dataclass
+class Manifest:
+    """What readers load: the committed version of the gallery."""
+
+    version: int = 0
+    photos: int = 0  # committed photo rows in gallery.h5 (removed ones included)
+    faces: int = 0  # committed face rows
+    index: str | None = None  # FAISS file holding face rows [0, index_faces)
+    index_faces: int = 0
+    index_sha256: str | None = None
+    photo_root: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    written_at: float = 0.0
+    command: str = ""
+    format: int = FORMAT
+
+
+def manifest_path(gallery: str | os.PathLike[str]) -> Path:
+    return Path(gallery) / MANIFEST_NAME
+
+
+def is_gallery(gallery: str | os.PathLike[str]) -> bool:
+    return manifest_path(gallery).is_file()
+
+
+def read_manifest(gallery: str | os.PathLike[str]) -> Manifest:
+    """The committed manifest; GalleryError when the folder is missing or not a gallery."""
+    folder = Path(gallery)
+    if not folder.is_dir():
+        raise GalleryError(f"no gallery at {folder}: build one with `fsw-index build PHOTOS --gallery {folder}`")
+    path = manifest_path(folder)
+    if not path.is_file():
+        raise GalleryError(
+            f"{folder} is not an fsw gallery (no {MANIFEST_NAME}): "
+            f"build one with `fsw-index build PHOTOS --gallery {folder}`"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GalleryError(f"{path} is unreadable ({e}): run `fsw-index verify --gallery {folder}`") from None
+    if raw.get("format") != FORMAT:
+        raise GalleryError(f"{path} has format {raw.get('format')!r}; this fsw reads format {FORMAT}")
+    known = set(Manifest.__dataclass_fields__)
+    return Manifest(**{k: v for k, v in raw.items() if k in known})
+
+
+def manifest_version(gallery: str | os.PathLike[str]) -> int | None:
+    """The committed version, or None when there is no readable manifest (cheap: for polling)."""
+    try:
+        return int(json.loads(manifest_path(gallery).read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_manifest(gallery: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Write the manifest atomically: temp file, fsync, rename, fsync of the folder."""
+    folder = Path(gallery)
+    atomic_write(folder / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2, sort_keys=True))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class WriterLock:
+    """The single-writer lock: an flock on `.lock`, released by the kernel if the writer dies."""
+
+    def __init__(self, gallery: str | os.PathLike[str], command: str):
+        self.path = Path(gallery) / LOCK_NAME
+        self.command = command
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise GalleryLockedError(f"gallery at {self.path.parent} is locked by {holder}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({self.command})\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,100 @@
+"""The matching rule and the search from one descriptor to photos.
+
+`similarity = 1 - d`, d the Euclidean distance between 128-d descriptors; a match has
+`similarity > threshold`. FAISS IndexFlatL2 reports squared distances, so the range-search radius is
+`(1 - threshold) ** 2`. The radius is widened by a hair and every candidate's distance recomputed in
+float64, so the answer is exactly that of `exhaustive_search`, whatever order FAISS sums in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+DEFAULT_THRESHOLD = 0.5
+MIN_THRESHOLD, MAX_THRESHOLD = 0.2, 0.9
+_WIDEN = 1e-4  # relative: far above float32 rounding (~1e-6), far below any real margin
+
+
+@dataclass(frozen=True)
+class Match:
+    """One photo in a result: its id, the similarity of its best face, and that face's box."""
+
+    id: str
+    similarity: float
+    box: tuple[int, int, int, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"id": self.id, "similarity": self.similarity, "box": list(self.box)}
+
+
+def radius_for(threshold: float) -> float:
+    """The squared-L2 range-search radius of a similarity threshold."""
+    return (1.0 - threshold) ** 2
+
+
+def similarity_from_squared(d2: float | np.ndarray) -> float | np.ndarray:
+    """Similarity from a squared L2 distance, as FAISS reports them."""
+    return 1.0 - np.sqrt(np.maximum(d2, 0.0))
+
+
+def check_threshold(threshold: float) -> float:
+    if not (isinstance(threshold, int | float) and math.isfinite(threshold)):
+        raise ValueError("threshold must be a number")
+    if not MIN_THRESHOLD <= threshold <= MAX_THRESHOLD:
+        raise ValueError(f"threshold {threshold} is outside {MIN_THRESHOLD}..{MAX_THRESHOLD}")
+    return float(threshold)
+
+
+def range_search(index: faiss.Index, vectors: np.ndarray, query: np.ndarray, threshold: float):
+    """Rows of `vectors` (the index's own float32 rows) within the threshold, with exact distances.
+
+    Returns (rows int64, distances float64), unordered.
+    """
+    q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+    if index.ntotal == 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    radius = radius_for(threshold) * (1 + _WIDEN) + 1e-9
+    lims, _, rows = index.range_search(q, radius)
+    rows = rows[lims[0] : lims[1]].astype(np.int64)
+    d = exact_distances(vectors[rows], query)
+    keep = d < 1.0 - threshold
+    return rows[keep], d[keep]
+
+
+def exhaustive_search(vectors: np.ndarray, query: np.ndarray, threshold: float):
+    """The reference answer: every row's exact distance, no index. Same return as `range_search`."""
+    d = exact_distances(vectors, query)
+    rows = np.flatnonzero(d < 1.0 - threshold)
+    return rows.astype(np.int64), d[rows]
+
+
+def exact_distances(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    diff = np.asarray(vectors, dtype=np.float64) - np.asarray(query, dtype=np.float64).reshape(1, -1)
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+
+def best_per_photo(
+    rows: np.ndarray,
+    distances: np.ndarray,
+    face_photo: np.ndarray,
+    photo_ids: np.ndarray,
+    boxes: np.ndarray,
+    limit: int | None = None,
+) -> list[Match]:
+    """One Match per photo (its closest face), best first; ties broken by id for a stable order."""
+    order = np.lexsort((rows, distances))
+    seen: set[int] = set()
+    out: list[Match] = []
+    for i in order:
+        photo = int(face_photo[rows[i]])
+        if photo in seen:
+            continue
+        seen.add(photo)
+        top, right, bottom, left = (int(v) for v in boxes[rows[i]])
+        out.append(Match(str(photo_ids[photo]), float(1.0 - distances[i]), (top, right, bottom, left)))
+    out.sort(key=lambda m: (-m.similarity, m.id))
+    return out if limit is None else out[:limit]
