@@ -54,6 +54,8 @@ def _encoder_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--encoder", "engine", type=click.Choice(["onnx", "dlib"]), default="onnx", show_default=True,
                      help="Descriptor engine; both give the same descriptors."),
         click.option("--jobs", "-j", type=click.IntRange(1, 256), help="Encoder processes [default: every core]."),
+        click.option("--checkpoint-s", type=click.FloatRange(0), default=30.0, hidden=True,
+                     help="Seconds between commits of finished photos."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -86,7 +88,7 @@ def main() -> None:
 @_gallery_option
 @_encoder_options
 @_errors
-def build(photos_dir: Path, gallery: Path, jobs: int | None, **encoder: Any) -> None:
+def build(photos_dir: Path, gallery: Path, jobs: int | None, checkpoint_s: float, **encoder: Any) -> None:
     """Index every photo under PHOTOS_DIR (jpg, jpeg, png, webp) into a new gallery.
 
     Photo ids are paths relative to PHOTOS_DIR. Run the same command again after Ctrl-C or a crash
@@ -97,7 +99,7 @@ def build(photos_dir: Path, gallery: Path, jobs: int | None, **encoder: Any) -> 
     if not photos_dir.is_dir():
         raise FswError(f"{photos_dir} is not a folder of photos")
     settings = _settings(encoder, recorded=_recorded_if_gallery(gallery))
-    _index(gallery, [photos_dir], settings, jobs, "build", photo_root=photos_dir)
+    _index(gallery, [photos_dir], settings, jobs, checkpoint_s, "build", photo_root=photos_dir)
 
 
 @main.command()
@@ -105,7 +107,7 @@ def build(photos_dir: Path, gallery: Path, jobs: int | None, **encoder: Any) -> 
 @_gallery_option
 @_encoder_options
 @_errors
-def add(paths: tuple[Path, ...], gallery: Path, jobs: int | None, **encoder: Any) -> None:
+def add(paths: tuple[Path, ...], gallery: Path, jobs: int | None, checkpoint_s: float, **encoder: Any) -> None:
     """Index new photos or folders (below the gallery's photo root), e.g. a new event's stage.
 
     Photos already indexed are skipped; the cost is that of the new photos only.
@@ -113,7 +115,7 @@ def add(paths: tuple[Path, ...], gallery: Path, jobs: int | None, **encoder: Any
         fsw-index add /srv/convocation/photos/Day-3 --gallery /srv/fsw/gallery
     """
     settings = _settings(encoder, recorded=layout.read_manifest(gallery).settings)
-    _index(gallery, list(paths), settings, jobs, "add")
+    _index(gallery, list(paths), settings, jobs, checkpoint_s, "add")
 
 
 @main.command()
@@ -205,12 +207,12 @@ def _recorded_if_gallery(gallery: Path) -> dict[str, Any] | None:
     return layout.read_manifest(gallery).settings if layout.is_gallery(gallery) else None
 
 
-def _index(gallery: Path, paths: list[Path], settings: EncoderSettings, jobs: int | None, command: str,
-           photo_root: Path | None = None) -> None:
+def _index(gallery: Path, paths: list[Path], settings: EncoderSettings, jobs: int | None, checkpoint_s: float,
+           command: str, photo_root: Path | None = None) -> None:
     line = ProgressLine()
     try:
         summary = index_photos(gallery, paths, settings, photo_root=photo_root, jobs=jobs, command=command,
-                               on_progress=line)
+                               checkpoint_s=checkpoint_s, on_progress=line)
     finally:
         line.close()
     _print_summary(summary)

@@ -20,7 +20,8 @@ class ScanError(FswError):
 def photo_id(path: Path, root: Path) -> str:
     """The id of `path` under `root`; ScanError when it is not below the root."""
     try:
-        rel = path.resolve().relative_to(root.resolve())
+        # the folder is resolved, not the file: a symlinked photo keeps its own name
+        rel = (path.absolute().parent.resolve() / path.name).relative_to(root.resolve())
     except ValueError:
         raise ScanError(f"{path} is not inside the gallery's photo root {root}") from None
     return rel.as_posix()

@@ -111,11 +111,12 @@ class Gallery:
 
     def check_stage(self, stage: str | None) -> str:
         """The stage as a normalised folder id ('' for the whole gallery); StageError if it is not one."""
-        stage = (stage or "").strip().strip("/")
+        raw = (stage or "").strip()
+        stage = raw.rstrip("/")
         if not stage:
             return ""
         parts = stage.split("/")
-        if stage.startswith("/") or "\\" in stage or "\x00" in stage or any(p in ("", ".", "..") for p in parts):
+        if raw.startswith("/") or "\\" in stage or "\x00" in stage or any(p in ("", ".", "..") for p in parts):
             raise StageError(f"stage {stage!r} must be a folder inside the gallery, like 'Day-1/Morning'")
         if stage not in self.folders:
             raise StageError(f"unknown stage {stage!r}: no photos under that folder in the gallery")
