@@ -94,6 +94,7 @@ def build(photos_dir: Path, gallery: Path, jobs: int | None, checkpoint_s: float
     Photo ids are paths relative to PHOTOS_DIR. Run the same command again after Ctrl-C or a crash
     to resume: finished photos are not encoded again.
 
+    \b
         fsw-index build /srv/convocation/photos --gallery /srv/fsw/gallery
     """
     if not photos_dir.is_dir():
@@ -110,8 +111,10 @@ def build(photos_dir: Path, gallery: Path, jobs: int | None, checkpoint_s: float
 def add(paths: tuple[Path, ...], gallery: Path, jobs: int | None, checkpoint_s: float, **encoder: Any) -> None:
     """Index new photos or folders (below the gallery's photo root), e.g. a new event's stage.
 
-    Photos already indexed are skipped; the cost is that of the new photos only.
+    Photos already indexed are skipped; the cost is that of the new photos only. Encoder settings
+    default to the gallery's; different ones are refused.
 
+    \b
         fsw-index add /srv/convocation/photos/Day-3 --gallery /srv/fsw/gallery
     """
     settings = _settings(encoder, recorded=layout.read_manifest(gallery).settings)
@@ -125,6 +128,7 @@ def add(paths: tuple[Path, ...], gallery: Path, jobs: int | None, checkpoint_s: 
 def remove(targets: tuple[str, ...], gallery: Path) -> None:
     """Take photos (by id) or whole stages (folders) out of the gallery.
 
+    \b
         fsw-index remove Day-1/Morning/IMG_0042.jpg Day-2/Evening
     """
     recorded = layout.read_manifest(gallery).settings
@@ -182,6 +186,7 @@ def search(selfie: Path, gallery: Path, stage: str, threshold: float, limit: int
            as_json: bool) -> None:
     """Photos of the person in SELFIE: the answer a worker job gives, without a queue.
 
+    \b
         fsw-index search me.jpg --stage Day-1/Morning --json
     """
     g = Gallery.open(gallery)
