@@ -5,14 +5,22 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 NODE_TESTS := tests/node
 
-.PHONY: install install-gpu test lint bench bench-quick reliability clean
+.PHONY: install system-deps install-gpu test lint bench bench-quick reliability clean
 
-install: $(VENV)/.installed
-	@$(PY) -m matcher.onnx_convert >/dev/null && echo "ONNX model ready"
-	@if command -v npm >/dev/null 2>&1; then \
-		cd $(NODE_TESTS) && npm ci --silent --no-audit --no-fund; \
-	else echo "npm not found: install Node.js 18+ and npm (apt-get install nodejs npm) for the Node client tests"; exit 1; fi
-	@command -v redis-server >/dev/null 2>&1 || echo "note: redis-server not found; the tests need it (apt-get install redis-server)"
+install: system-deps $(VENV)/.installed
+	$(PY) -m matcher.onnx_convert
+	cd $(NODE_TESTS) && npm ci --silent --no-audit --no-fund
+
+# The tests need redis-server and Node.js (the portal's BullMQ client); install them where apt can.
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+		else echo "please install:$$missing (e.g. sudo apt-get install$$missing)"; exit 1; fi; \
+	fi
 
 # dlib-bin is a prebuilt dlib; face_recognition goes in with --no-deps so pip never compiles the dlib sdist.
 $(VENV)/.installed: pyproject.toml
