@@ -1,1 +1,72 @@
-"""schemas"""
+"""The contracts of fsw, as typed models with JSON Schema: one source of truth for Python and Node.
+
+`FaceSearchJob` (a job's data), `SearchResult` of `MatchEntry` (its return value) and `Heartbeat` (a
+worker's record in the `workers` hash). This package imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.heartbeat import (
+    ENGINE,
+    HEARTBEAT_INTERVAL_S,
+    ONLINE_WINDOW_S,
+    WORKERS_HASH,
+    Heartbeat,
+    WorkerStatus,
+    paused_key,
+)
+from schemas.job import (
+    DEFAULT_THRESHOLD,
+    JOB_NAME,
+    MAX_IMAGE_CHARS,
+    MAX_THRESHOLD,
+    MIN_THRESHOLD,
+    PROGRESS,
+    QUEUE,
+    FaceSearchJob,
+    JobDataError,
+    MatchEntry,
+    SearchResult,
+    explain,
+    parse_job,
+    stage_problem,
+)
+
+EXCLUDED_SET = "excluded_images"  # Redis set of photo ids the portal has taken down
+
+MODELS = {"job": FaceSearchJob, "result": SearchResult, "heartbeat": Heartbeat}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema (draft 2020-12) of the job data, the result and the heartbeat record, by name."""
+    return {name: model.model_json_schema() for name, model in MODELS.items()}
+
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "ENGINE",
+    "EXCLUDED_SET",
+    "HEARTBEAT_INTERVAL_S",
+    "JOB_NAME",
+    "MAX_IMAGE_CHARS",
+    "MAX_THRESHOLD",
+    "MIN_THRESHOLD",
+    "MODELS",
+    "ONLINE_WINDOW_S",
+    "PROGRESS",
+    "QUEUE",
+    "WORKERS_HASH",
+    "FaceSearchJob",
+    "Heartbeat",
+    "JobDataError",
+    "MatchEntry",
+    "SearchResult",
+    "WorkerStatus",
+    "explain",
+    "json_schemas",
+    "parse_job",
+    "paused_key",
+    "stage_problem",
+]

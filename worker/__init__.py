@@ -1,1 +1,6 @@
-"""worker"""
+"""worker: `fsw-worker`, the BullMQ daemon that answers the portal's face-search jobs from a gallery.
+
+Modules: `jobs` (the job handler), `heartbeat` (worker id, record, metrics), `service` (one worker
+process: queue, pause, reload, signals), `supervisor` (one process per GPU), `reload` (gallery hot
+reload), `engine` (GPU engine with CPU fallback), `settings`, `submit`, `cli`.
+"""

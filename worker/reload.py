@@ -1,0 +1,76 @@
+"""The gallery a worker serves, picked up again whenever `fsw-index` commits a new version.
+
+`GalleryReloader.current` is the Gallery jobs search. `watch()` polls the manifest's version (a small
+file read) every few seconds; a new version is loaded in a background thread while jobs go on with the
+old one, then swapped in with one assignment. A job takes `current` once at its start, so no job ever
+sees two versions, and none fails because of a reload. A version that fails to load leaves the previous
+one serving; without any gallery, jobs fail with `gallery not loaded: <why>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from matcher.errors import GalleryError
+from matcher.gallery import Gallery
+from matcher.layout import manifest_version
+
+log = logging.getLogger("fsw.worker")
+
+POLL_S = 2.0
+
+
+class GalleryReloader:
+    def __init__(self, folder: Path, poll_s: float = POLL_S, open_gallery: Callable[[Path], Gallery] = Gallery.open):
+        self.folder = folder
+        self.poll_s = poll_s
+        self.current: Gallery | None = None
+        self.error: str | None = None
+        self._open = open_gallery
+
+    def require(self) -> Gallery:
+        """The gallery to search; GalleryError with the reason when none is loaded."""
+        gallery = self.current
+        if gallery is None:
+            raise GalleryError(f"gallery not loaded: {self.error or f'nothing at {self.folder} yet'}")
+        return gallery
+
+    async def refresh(self) -> bool:
+        """Load the committed version if it is not the one in use. True when a new one was swapped in."""
+        version = await asyncio.to_thread(manifest_version, self.folder)
+        current = self.current
+        if current is not None and (version is None or version == current.version):
+            return False  # unchanged, or the manifest is briefly unreadable: keep serving
+        try:
+            gallery = await asyncio.to_thread(self._open, self.folder)
+        except (GalleryError, OSError) as e:
+            self._set_error(str(e))
+            return False
+        self.current = gallery
+        self.error = None
+        log.info(
+            "gallery version %s loaded from %s: %s photos, %s faces%s",
+            gallery.version, self.folder, gallery.photo_count, gallery.face_count,
+            f" (was version {current.version})" if current else "",
+        )
+        return True
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Refresh every `poll_s` seconds until `stop` is set."""
+        while not stop.is_set():
+            try:
+                await self.refresh()
+            except Exception as e:  # never let a reload problem end the watch
+                self._set_error(f"{type(e).__name__}: {e}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.poll_s)
+
+    def _set_error(self, message: str) -> None:
+        if message != self.error:
+            serving = f"; still serving version {self.current.version}" if self.current else ""
+            log.warning("gallery at %s not loaded: %s%s", self.folder, message, serving)
+        self.error = message

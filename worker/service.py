@@ -1,0 +1,337 @@
+"""One worker process: a BullMQ Worker on the queue, its heartbeat, pause switch, gallery reload and signals.
+
+`WorkerService(settings).run()` is the whole life of a worker:
+
+1. connect to Redis (retrying with backoff until it answers), load the gallery, claim the worker id;
+2. start the BullMQ Worker with `SearchJobs` as its processor, its Redis connections named
+   `bull:<base64 of queue>:w:<id>` so that Node's `queue.getWorkers()` lists it;
+3. beside it: the heartbeat every 5 s, the pause switch (`worker:<id>:paused` = "1") polled every
+   second, the gallery reload polled every 2 s;
+4. on SIGTERM/SIGINT: take no new job, finish the ones in hand, write status offline, return 0.
+   A second signal abandons the jobs in hand (BullMQ hands them to another worker once their lock
+   expires).
+
+Losing Redis stops nothing: BullMQ's connections retry with backoff and consuming resumes when Redis is
+back; the heartbeat logs the outage once and writes again as soon as it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from typing import Any
+
+from bullmq import Worker
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from matcher.encoder import cores
+from schemas import HEARTBEAT_INTERVAL_S, Heartbeat, WorkerStatus, paused_key
+from worker.engine import WorkerEngine, make_worker_engine
+from worker.heartbeat import HostMetrics, base_worker_id, claim_worker_id, write_heartbeat
+from worker.jobs import EncoderPool, SearchJobs
+from worker.reload import GalleryReloader
+from worker.settings import WorkerSettings
+from worker.stats import WorkerStats
+
+log = logging.getLogger("fsw.worker")
+
+PAUSE_POLL_S = 1.0
+GRACEFUL_STOP_S = 120.0  # longest a graceful stop waits for the jobs in hand
+LOCK_DURATION_MS = 30_000  # BullMQ's default; a job takes well under a second
+RUN_RETRY_DELAY_MS = 2_000  # BullMQ waits this long after a failed fetch (its default, 15 s, is slow to resume)
+
+
+def node_client_name(prefix: str, queue: str, worker_name: str) -> str:
+    """The Redis client name Node BullMQ's `queue.getWorkers()` matches: `<prefix>:<base64(queue)>:w:<name>`."""
+    encoded = base64.b64encode(queue.encode()).decode("ascii")
+    return f"{prefix}:{encoded}:w:{worker_name}"
+
+
+def fsw_version() -> str:
+    try:
+        return metadata.version("fsw")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0+unknown"
+
+
+class WorkerService:
+    """The worker: run() until a signal (or `request_stop()`), then stop gracefully; returns the exit code."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        engine: str = "onnx",
+        make_engine: Callable[..., WorkerEngine] = make_worker_engine,
+        install_signals: bool = True,
+    ):
+        self.settings = settings
+        self.stats = WorkerStats()
+        threads = max(1, cores() // settings.concurrency)
+        self.encoders = EncoderPool(engine, threads, on_cuda_fallback=self.stats.cuda_oom, make_engine=make_engine)
+        self.galleries = GalleryReloader(settings.gallery)
+        self.metrics = HostMetrics(settings.gpu_index)
+        self.install_signals = install_signals
+        self.worker_id: str | None = None
+        self.paused = False
+        self._stop: asyncio.Event | None = None
+        self._stopping_count = 0
+        self._worker: Worker | None = None
+        self._run_task: asyncio.Future[Any] | None = None
+        self._redis_down_since: float | None = None
+
+    # -- the life of a worker ---------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        if self.install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        redis = Redis(
+            **self.settings.redis_kwargs(client_name=f"fsw:{self.settings.hostname}:{os.getpid()}"),
+            decode_responses=True,
+            retry=Retry(ExponentialBackoff(cap=2, base=0.2), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        executor = ThreadPoolExecutor(max_workers=self.settings.concurrency, thread_name_prefix="fsw-job")
+        background: list[asyncio.Task[Any]] = []
+        done = asyncio.Event()  # set once the BullMQ worker has closed: the background loops end then
+        try:
+            if not await self._connect(redis):
+                return 0  # stopped before Redis ever answered
+            await self.galleries.refresh()
+            await self._warm_up(loop, executor)
+            base = base_worker_id(self.settings.hostname, self.settings.gpu_index)
+            self.worker_id = await claim_worker_id(redis, base, self.record("starting"))
+            if self.worker_id != base:
+                log.info("worker id %s is held by a live worker: using %s", base, self.worker_id)
+            handler = SearchJobs(self.galleries, self.encoders, executor, redis, self.stats)
+            self._worker = self._start_worker(handler)
+            device = "CPU" if self.encoders.device != "cuda" else f"GPU {self.settings.gpu_index}"
+            log.info(
+                "worker %s serving queue %r on %s: gallery %s, concurrency %d, %s",
+                self.worker_id, self.settings.queue, self.settings.redis_display, self.settings.gallery,
+                self.settings.concurrency, device,
+            )
+            background = [
+                asyncio.ensure_future(self._heartbeats(redis, done)),
+                asyncio.ensure_future(self._pause_switch(redis, done)),
+                asyncio.ensure_future(self.galleries.watch(done)),
+            ]
+            await self._beat(redis)
+            await self._stop.wait()
+            log.info("stopping: finishing the jobs in hand (%s)", self.stats.current_job or "none")
+            await self._close_worker()
+            done.set()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, 10)
+            await self._beat(redis, "offline", attempts=5)
+            log.info(
+                "worker %s stopped: %d jobs completed, %d failed", self.worker_id,
+                self.stats.jobs_processed, self.stats.jobs_failed,
+            )
+            return 0
+        finally:
+            done.set()
+            for task in background:
+                task.cancel()
+            executor.shutdown(wait=False, cancel_futures=True)
+            with contextlib.suppress(Exception):
+                await redis.aclose()
+            self.metrics.close()
+
+    def request_stop(self) -> None:
+        """First call: stop taking jobs and finish the ones in hand. Second call: abandon them."""
+        self._stopping_count += 1
+        if self._stop is not None:
+            self._stop.set()
+        if self._stopping_count >= 2 and self._worker is not None:
+            log.warning("second stop signal: abandoning the jobs in hand")
+            self._worker.forceClosing = True
+            self._worker.cancelProcessing()
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    async def _connect(self, redis: Redis) -> bool:
+        """Wait for Redis with backoff; False if a stop came first."""
+        assert self._stop is not None
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                await redis.ping()  # type: ignore[misc]
+                if self._redis_down_since is not None:
+                    log.info("Redis at %s answers now", self.settings.redis_display)
+                    self._redis_down_since = None
+                return True
+            except (RedisError, OSError) as e:
+                self._redis_unavailable(e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            delay = min(delay * 2, 10.0)
+        return False
+
+    async def _warm_up(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
+        """Make a thread's encoder now: model errors show at start, and the first job is not slow."""
+        gallery = self.galleries.current
+        if gallery is not None:
+            await loop.run_in_executor(executor, self.encoders.get, gallery.settings)
+
+    def _start_worker(self, handler: SearchJobs) -> Worker:
+        assert self.worker_id is not None
+        client_name = node_client_name(self.settings.prefix, self.settings.queue, self.worker_id)
+        worker = Worker(
+            self.settings.queue,
+            handler,
+            {
+                # client_name in the connection options names every connection BullMQ opens, the
+                # blocking one included, and again after each reconnection.
+                "connection": self.settings.redis_kwargs(client_name=client_name),
+                "prefix": self.settings.prefix,
+                "concurrency": self.settings.concurrency,
+                "name": self.worker_id,
+                "autorun": False,
+                "lockDuration": LOCK_DURATION_MS,
+                "runRetryDelay": RUN_RETRY_DELAY_MS,
+            },
+        )
+        # Python bullmq would CLIENT SETNAME `bull:<queue>:w:<name>` (the plain queue name) when it
+        # starts, which Node's getWorkers() does not match: it must be set before run().
+        worker.clientName = client_name
+        errors: dict[str, float] = {}
+
+        def on_error(error: BaseException, *_: Any) -> None:
+            text = f"{type(error).__name__}: {error}"
+            if time.monotonic() - errors.get(text, -1e9) > 60:  # once a minute per kind, not per retry
+                log.warning("queue connection: %s", text)
+                errors[text] = time.monotonic()
+
+        worker.on("error", on_error)
+        self._run_task = asyncio.ensure_future(worker.run())
+        return worker
+
+    async def _close_worker(self) -> None:
+        worker = self._worker
+        if worker is None:
+            return
+        closing = asyncio.ensure_future(worker.close())
+        finished, _ = await asyncio.wait({closing}, timeout=GRACEFUL_STOP_S)
+        if not finished:
+            log.warning("jobs still running after %.0f s: abandoning them", GRACEFUL_STOP_S)
+            worker.forceClosing = True
+            worker.cancelProcessing()
+            finished, _ = await asyncio.wait({closing}, timeout=10)
+        if finished:
+            with contextlib.suppress(Exception):
+                closing.result()
+        if self._run_task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._run_task, 10)
+
+    async def _heartbeats(self, redis: Redis, done: asyncio.Event) -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), HEARTBEAT_INTERVAL_S)
+            if not done.is_set():
+                await self._beat(redis)
+
+    async def _pause_switch(self, redis: Redis, done: asyncio.Event) -> None:
+        """Pause while worker:<id>:paused is "1"; resume when it is anything else or gone."""
+        assert self.worker_id is not None and self._worker is not None
+        key = paused_key(self.worker_id)
+        pausing: asyncio.Task[Any] | None = None
+        while not done.is_set():
+            try:
+                want = await redis.get(key) == "1"  # type: ignore[misc]
+            except (RedisError, OSError):
+                want = self.paused  # Redis away: keep doing what we do
+            if want and not self.paused and not self._stop_requested:
+                self.paused = True
+                pausing = asyncio.ensure_future(self._worker.pause())  # lets the job in hand finish
+                log.info("paused by %s: taking no new jobs", key)
+                await self._beat(redis)
+            elif not want and self.paused and not self._stop_requested:
+                if pausing is not None:
+                    await pausing
+                self._worker.resume()
+                self.paused = False
+                log.info("resumed: %s cleared", key)
+                await self._beat(redis)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), PAUSE_POLL_S)
+
+    @property
+    def _stop_requested(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    async def _beat(self, redis: Redis, status: WorkerStatus | None = None, attempts: int = 1) -> bool:
+        record = self.record(status)
+        for attempt in range(attempts):
+            try:
+                await write_heartbeat(redis, record)
+                if self._redis_down_since is not None:
+                    log.info("Redis at %s answers again", self.settings.redis_display)
+                    self._redis_down_since = None
+                return True
+            except (RedisError, OSError) as e:
+                self._redis_unavailable(e)
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(1)
+        return False
+
+    def _redis_unavailable(self, error: BaseException) -> None:
+        if self._redis_down_since is None:
+            self._redis_down_since = time.monotonic()
+            log.warning("Redis at %s unavailable (%s): retrying", self.settings.redis_display, error)
+
+    def status(self) -> WorkerStatus:
+        if self.paused:
+            return "paused"
+        return "busy" if self.stats.busy else "online"
+
+    def record(self, status: WorkerStatus | None = None) -> Heartbeat:
+        """The heartbeat record as of now."""
+        now = time.time()
+        gallery = self.galleries.current
+        metrics = self.metrics.sample()
+        return Heartbeat(
+            id=self.worker_id or "",
+            hostname=self.settings.hostname,
+            status=status or self.status(),
+            gpu_index=self.settings.gpu_index,
+            use_cpu=self.encoders.device != "cuda",
+            concurrency=self.settings.concurrency,
+            start_time=round(self.stats.start_time, 3),
+            uptime=round(now - self.stats.start_time, 1),
+            last_heartbeat=round(now, 3),
+            jobs_processed=self.stats.jobs_processed,
+            jobs_failed=self.stats.jobs_failed,
+            current_job=self.stats.current_job,
+            pid=os.getpid(),
+            queue=self.settings.queue,
+            fsw_version=fsw_version(),
+            descriptor_engine=self.encoders.engine,
+            gallery_version=gallery.version if gallery else None,
+            gallery_photos=gallery.photo_count if gallery else None,
+            gallery_faces=gallery.face_count if gallery else None,
+            gallery_error=self.galleries.error,
+            search_p50_ms=self.stats.search_p50_ms(),
+            job_p50_ms=self.stats.job_p50_ms(),
+            cuda_oom_fallbacks=self.stats.cuda_oom_fallbacks,
+            last_cuda_oom=self.stats.last_cuda_oom,
+            **metrics,
+        )

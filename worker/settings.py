@@ -1,0 +1,127 @@
+"""The worker's configuration: one typed object, read once at the edge from the environment.
+
+Variables (a `.env` file in the working directory is read first by the CLI, without overriding the
+environment): `REDIS_URL` (redis:// or rediss:// for TLS), or `REDIS_HOST`, `REDIS_PORT`,
+`REDIS_PASSWORD`; `FSW_QUEUE` (default face-search), `FSW_GALLERY` (default ./gallery),
+`WORKER_CONCURRENCY` (default 1), `GPU_INDEX` (unset: the CPU, or the GPU `--gpus` names).
+The Redis password never appears in `repr` or in a log line: use `redis_display`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from redis.asyncio.connection import SSLConnection, parse_url
+
+from schemas import QUEUE
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+DEFAULT_GALLERY = Path("gallery")
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot work; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker process needs to know about its surroundings."""
+
+    redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)
+    queue: str = QUEUE
+    gallery: Path = DEFAULT_GALLERY
+    concurrency: int = 1
+    gpu_index: int | None = None
+    hostname: str = field(default_factory=socket.gethostname)
+    prefix: str = "bull"  # BullMQ's key prefix; the portal uses the default
+
+    def __post_init__(self) -> None:
+        if not self.queue:
+            raise SettingsError("FSW_QUEUE is empty: name the BullMQ queue (the portal's is face-search)")
+        if not 1 <= self.concurrency <= 64:
+            raise SettingsError(f"WORKER_CONCURRENCY must be 1 to 64, not {self.concurrency}")
+        if self.gpu_index is not None and self.gpu_index < 0:
+            raise SettingsError(f"GPU_INDEX must be 0 or more, not {self.gpu_index}")
+        try:
+            self.redis_kwargs()
+        except ValueError as e:
+            raise SettingsError(f"REDIS_URL {self.redis_display} is not usable: {e}") from None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        """Settings from environment variables, then `overrides` (command-line flags) where not None."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {"redis_url": _redis_url(env)}
+        if env.get("FSW_QUEUE"):
+            values["queue"] = env["FSW_QUEUE"]
+        if env.get("FSW_GALLERY"):
+            values["gallery"] = Path(env["FSW_GALLERY"])
+        if env.get("WORKER_CONCURRENCY"):
+            values["concurrency"] = _int(env, "WORKER_CONCURRENCY")
+        if env.get("GPU_INDEX", "").strip():
+            values["gpu_index"] = _int(env, "GPU_INDEX")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_gpu(self, gpu_index: int | None) -> WorkerSettings:
+        return replace(self, gpu_index=gpu_index)
+
+    @property
+    def redis_display(self) -> str:
+        """The Redis URL with any password masked: the only form that may be logged."""
+        parts = urlsplit(self.redis_url)
+        if parts.password is None:
+            return self.redis_url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def redis_kwargs(self, client_name: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for `redis.asyncio.Redis` (host, port, password, TLS...).
+
+        `client_name` is set on every connection made with them, reconnections included.
+        """
+        kwargs: dict[str, Any] = dict(parse_url(self.redis_url))
+        if kwargs.pop("connection_class", None) is SSLConnection:
+            kwargs["ssl"] = True
+        elif "path" in kwargs:
+            kwargs["unix_socket_path"] = kwargs.pop("path")
+        kwargs.setdefault("socket_connect_timeout", 5)
+        if client_name:
+            kwargs["client_name"] = client_name
+        return kwargs
+
+    def __repr__(self) -> str:
+        return (
+            f"WorkerSettings(redis={self.redis_display!r}, queue={self.queue!r}, gallery={str(self.gallery)!r}, "
+            f"concurrency={self.concurrency}, gpu_index={self.gpu_index}, hostname={self.hostname!r})"
+        )
+
+
+def _redis_url(env: Mapping[str, str]) -> str:
+    url = env.get("REDIS_URL", "").strip()
+    if url:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("REDIS_URL must start with redis://, rediss:// (TLS) or unix://")
+        return url
+    host = env.get("REDIS_HOST", "").strip() or "127.0.0.1"
+    port = env.get("REDIS_PORT", "").strip() or "6379"
+    if not port.isdigit():
+        raise SettingsError(f"REDIS_PORT must be a port number, not {port!r}")
+    password = env.get("REDIS_PASSWORD", "")
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{port}"
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name].strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, not {env[name]!r}") from None

@@ -1,0 +1,71 @@
+"""What a worker counts for its heartbeat: jobs done and failed, the jobs in hand, recent latencies.
+
+Updated from the event loop (job start and end) and from encoder threads (CUDA fallbacks), so every
+change takes a lock.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+
+RECENT = 200  # latencies kept for the medians
+
+
+class WorkerStats:
+    def __init__(self) -> None:
+        self.start_time = time.time()
+        self.jobs_processed = 0
+        self.jobs_failed = 0
+        self.cuda_oom_fallbacks = 0
+        self.last_cuda_oom: float | None = None
+        self._current: dict[str, float] = {}  # job id -> start, in start order
+        self._job_ms: deque[float] = deque(maxlen=RECENT)
+        self._search_ms: deque[float] = deque(maxlen=RECENT)
+        self._lock = threading.Lock()
+
+    def job_started(self, job_id: str) -> None:
+        with self._lock:
+            self._current[job_id] = time.monotonic()
+
+    def job_finished(self, job_id: str, ok: bool, search_ms: float | None = None) -> float:
+        """Record a job's end; returns its duration in ms."""
+        with self._lock:
+            started = self._current.pop(job_id, time.monotonic())
+            elapsed = (time.monotonic() - started) * 1000
+            if ok:
+                self.jobs_processed += 1
+                self._job_ms.append(elapsed)
+            else:
+                self.jobs_failed += 1
+            if search_ms is not None:
+                self._search_ms.append(search_ms)
+            return elapsed
+
+    def cuda_oom(self, _error: BaseException | None = None) -> None:
+        with self._lock:
+            self.cuda_oom_fallbacks += 1
+            self.last_cuda_oom = time.time()
+
+    @property
+    def current_job(self) -> str | None:
+        """The oldest job in hand, or None when idle."""
+        with self._lock:
+            return next(iter(self._current), None)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._current)
+
+    def search_p50_ms(self) -> float | None:
+        return _median(self._search_ms, self._lock)
+
+    def job_p50_ms(self) -> float | None:
+        return _median(self._job_ms, self._lock)
+
+
+def _median(values: deque[float], lock: threading.Lock) -> float | None:
+    with lock:
+        return round(statistics.median(values), 2) if values else None
