@@ -29,12 +29,13 @@ import pathlib
 import sys
 import tempfile
 import threading
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from matcher import models
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -717,15 +718,9 @@ def build_onnx_model(net: DlibNetwork) -> onnx.ModelProto:
 
 def default_dat_path() -> str:
     """Path of ``dlib_face_recognition_resnet_model_v1.dat`` from ``face_recognition_models``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # face_recognition_models imports the deprecated pkg_resources
-        import face_recognition_models
-
-    return str(face_recognition_models.face_recognition_model_location())
+    return models.descriptor_model_path()
 
 
-_hash_lock = threading.Lock()
-_hash_cache: dict[tuple[str, int, int], str] = {}
 _convert_lock = threading.Lock()
 _validated: dict[tuple[str, int, int], str] = {}
 
@@ -737,21 +732,7 @@ def _resolve_dat(dat_path: str | os.PathLike[str] | None) -> pathlib.Path:
 
 def model_sha256(dat_path: str | None = None) -> str:
     """sha256 (hex) of the .dat file; memoized per (path, mtime, size) in this process."""
-    path = _resolve_dat(dat_path)
-    st = path.stat()
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    with _hash_lock:
-        cached = _hash_cache.get(key)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    with _hash_lock:
-        _hash_cache[key] = value
-    return value
+    return models.file_sha256(str(_resolve_dat(dat_path)))
 
 
 def cache_dir() -> pathlib.Path:
