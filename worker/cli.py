@@ -30,6 +30,8 @@ def _errors(f: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(f)
     def run(*args: Any, **kwargs: Any) -> Any:
+        from redis.exceptions import RedisError
+
         from matcher.errors import FswError
         from worker.heartbeat import WorkerIdError
         from worker.settings import SettingsError
@@ -41,6 +43,8 @@ def _errors(f: Callable[..., Any]) -> Callable[..., Any]:
             raise click.UsageError(str(e)) from None
         except (FswError, WorkerIdError, TimeoutError, OSError) as e:
             raise click.ClickException(str(e)) from None
+        except RedisError as e:
+            raise click.ClickException(f"Redis: {e}") from None
 
     return run
 

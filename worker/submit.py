@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from bullmq import Job, Queue
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from schemas import JOB_NAME, FaceSearchJob
 from worker.settings import WorkerSettings
@@ -52,7 +55,16 @@ async def submit_selfie(
     timeout_s: float = 60.0,
     on_progress: Callable[[Any], None] | None = None,
 ) -> Submitted:
-    """Add the job; with `wait`, follow it to the end (TimeoutError after `timeout_s`)."""
+    """Add the job; with `wait`, follow it to the end (TimeoutError after `timeout_s`).
+
+    Raises redis' ConnectionError at once when Redis does not answer (BullMQ's own connection would
+    keep retrying for minutes).
+    """
+    probe = Redis(**settings.redis_kwargs(), retry=Retry(NoBackoff(), 1))
+    try:
+        await probe.ping()  # type: ignore[misc]
+    finally:
+        await probe.aclose()
     queue = Queue(settings.queue, {"connection": settings.redis_kwargs(), "prefix": settings.prefix})
     try:
         job = await queue.add(JOB_NAME, data, {"attempts": 1})
