@@ -1,0 +1,152 @@
+"""What every benchmark section shares: the run's configuration, timing statistics, the face set, caches.
+
+Every figure is the median of several runs after a warm-up, reported with its spread (p25-p75 and
+min-max), in milliseconds unless a name says otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+FACES = Path(os.environ.get("FSW_FACES", ROOT.parent / "shared" / "faces"))
+CACHE = Path(os.environ.get("FSW_BENCH_CACHE", "/tmp/fsw-bench-cache"))
+QUERY = "queries/q04.jpg"  # Obama, 626x1200: three photos of him in the dev gallery
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes and repeats of one run: the full run, or the smoke run (`--quick`)."""
+
+    quick: bool
+    engines: tuple[str, ...] = ("onnx", "dlib")
+    gallery_sizes: tuple[int, ...] = (1_000, 10_000, 100_000, 1_000_000)
+    job_repeats: int = 7
+    search_repeats: int = 15
+    old_way_photos: tuple[int, ...] = (10, 100)
+    old_way_repeats: tuple[int, ...] = (3, 1)  # per size in old_way_photos
+    worker_sizes: tuple[int, ...] = (1_000, 10_000, 100_000, 1_000_000)
+    tree_photos: int = 152
+    add_photos: int = 10
+    add_bases: tuple[int, ...] = (100, 1_000)
+    add_repeats: int = 3
+    build_repeats: int = 3  # of the dev-gallery builds that compare the engines
+    sweep_sizes: tuple[int, ...] = (640, 800, 1280, 1600)
+    sweep_upsamples: tuple[int, ...] = (0, 1, 2)
+    sweep_max_effective: int = 3200  # side x 2**upsample: larger combinations are skipped (seconds a photo)
+    descriptor_repeats: int = 3
+    descriptor_warmup: int = 1
+    dev_photos: int = 19  # of the dev gallery, for the engine comparison and the detection grid
+    pool_jobs: int | None = None  # encoder processes for the dev-gallery builds and `add` (None: every core)
+    memory_sizes: tuple[int, ...] = (0, 1_000, 100_000, 1_000_000)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def full(cls, engines: tuple[str, ...] = ("onnx", "dlib")) -> Config:
+        return cls(quick=False, engines=engines)
+
+    @classmethod
+    def smoke(cls, engines: tuple[str, ...] = ("onnx", "dlib")) -> Config:
+        return cls(
+            quick=True,
+            engines=engines,
+            gallery_sizes=(1_000, 10_000),
+            job_repeats=2,
+            search_repeats=3,
+            old_way_photos=(1,),
+            old_way_repeats=(1,),
+            worker_sizes=(1_000,),
+            tree_photos=4,
+            add_photos=2,
+            add_bases=(100,),
+            add_repeats=1,
+            build_repeats=1,
+            sweep_sizes=(640,),
+            sweep_upsamples=(0, 1),
+            descriptor_repeats=1,
+            descriptor_warmup=0,
+            dev_photos=4,
+            pool_jobs=1,
+            memory_sizes=(0, 1_000),
+        )
+
+
+def stats(seconds: list[float]) -> dict[str, float | int]:
+    """Median and spread of timings, in milliseconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    return {
+        "median_ms": round(float(np.median(ms)), 3),
+        "p25_ms": round(float(np.percentile(ms, 25)), 3),
+        "p75_ms": round(float(np.percentile(ms, 75)), 3),
+        "min_ms": round(float(ms.min()), 3),
+        "max_ms": round(float(ms.max()), 3),
+        "n": len(ms),
+    }
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[dict[str, float | int], Any]:
+    """Call `fn` `warmup` times unmeasured, then `repeats` times; the timings' stats and the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return stats(times), result
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+@dataclass(frozen=True)
+class Labelled:
+    file: str
+    people: tuple[str, ...]
+    split: str
+
+    @property
+    def path(self) -> Path:
+        return FACES / self.file
+
+    @property
+    def expected_faces(self) -> int:
+        return 0 if self.people == ("none",) else len(self.people)
+
+
+def labels() -> list[Labelled]:
+    if not (FACES / "labels.csv").is_file():
+        sys.exit(f"labelled faces not found at {FACES}: set FSW_FACES to the folder with labels.csv")
+    with open(FACES / "labels.csv", newline="") as f:
+        return [Labelled(r["file"], tuple(r["identity"].split(";")), r["split"]) for r in csv.DictReader(f)]
+
+
+def gallery_photos() -> list[Labelled]:
+    return [x for x in labels() if x.split == "gallery"]
+
+
+def data_url(path: Path) -> str:
+    """A photo as the portal sends it: a data URL."""
+    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def decode_data_url(url: str) -> bytes:
+    """The job contract's `image`: a data URL or bare base64."""
+    _, _, payload = url.partition(";base64,") if url.startswith("data:") else ("", "", url)
+    return base64.b64decode(payload, validate=True)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

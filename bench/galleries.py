@@ -1,0 +1,245 @@
+"""Galleries of 1k to 1M faces for the benchmarks: the dev gallery's real faces plus synthetic ones.
+
+Encoding a million photos would take days on 2 cores, so the large galleries are the 19 real dev
+photos (encoded by fsw) plus synthetic 128-d descriptors written through `matcher.store.GalleryWriter`,
+exactly as `fsw-index` writes real ones. The synthetic descriptors are drawn to resemble real ones:
+Gaussian with the mean and covariance of the real descriptors (gallery and query faces; the covariance
+is shrunk towards its average variance because there are fewer faces than dimensions), then each is
+rescaled to a norm drawn from the real norms' normal fit. A draw within `MARGIN` of any query face is
+redrawn, so no synthetic face can match a selfie and every result stays a real photo.
+
+Galleries are cached under `FSW_BENCH_CACHE` (default /tmp/fsw-bench-cache), keyed by the real
+descriptors and the generator's version; a smaller gallery's synthetic faces are a prefix of a larger one's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import CACHE, Labelled, gallery_photos, labels, log
+from matcher import layout
+from matcher.encoder import Encoder, EncoderSettings, Face
+from matcher.images import load_image
+from matcher.store import GalleryWriter, PendingPhoto
+
+GENERATOR_VERSION = 3
+MARGIN = 0.55  # above the 0.5 match distance, with room for float32 rounding
+FACES_PER_PHOTO = 4
+SHRINK = 0.1
+_SEED = 20241129
+_BLOCK = 1 << 16
+
+
+@dataclass
+class RealFaces:
+    """The dev set encoded by fsw: gallery photos with their faces, and the query selfies' descriptors."""
+
+    photos: list[tuple[Labelled, str, list[Face]]]  # (label, sha256, faces)
+    queries: dict[str, np.ndarray]  # query file -> selfie descriptor
+
+    @property
+    def gallery_descriptors(self) -> np.ndarray:
+        return np.stack([f.descriptor for _, _, faces in self.photos for f in faces]).astype(np.float32)
+
+    @property
+    def query_descriptors(self) -> np.ndarray:
+        return np.stack(list(self.queries.values())).astype(np.float32)
+
+    @property
+    def face_count(self) -> int:
+        return sum(len(faces) for _, _, faces in self.photos)
+
+    def key(self) -> str:
+        h = hashlib.sha256(f"v{GENERATOR_VERSION}:{FACES_PER_PHOTO}:{MARGIN}:{SHRINK}".encode())
+        h.update(json.dumps(EncoderSettings().recorded(), sort_keys=True).encode())
+        h.update(np.round(self.gallery_descriptors, 4).tobytes())
+        h.update(np.round(self.query_descriptors, 4).tobytes())
+        return h.hexdigest()[:12]
+
+
+def encode_real(encoder: Encoder | None = None) -> RealFaces:
+    """The dev set's faces with the default settings; cached by the photos' content and the settings."""
+    items = labels()
+    h = hashlib.sha256(json.dumps(EncoderSettings().recorded(), sort_keys=True).encode())
+    for item in items:
+        h.update(f"{item.file}:{item.split}:".encode() + hashlib.sha256(item.path.read_bytes()).digest())
+    cached = CACHE / f"real-faces-{h.hexdigest()[:12]}.pkl"
+    if cached.is_file():
+        with open(cached, "rb") as f:
+            return pickle.load(f)  # noqa: S301 - our own cache file
+    real = _encode_real(encoder or Encoder(EncoderSettings()))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(real, f)
+    os.replace(tmp, cached)
+    return real
+
+
+def _encode_real(encoder: Encoder) -> RealFaces:
+    from matcher.errors import NoFaceError
+
+    photos = []
+    for item in gallery_photos():
+        faces = encoder.faces(load_image(item.path))
+        photos.append((item, hashlib.sha256(item.path.read_bytes()).hexdigest(), faces))
+    queries = {}
+    for item in labels():
+        if item.split != "query":
+            continue
+        try:
+            queries[item.file] = encoder.selfie(load_image(item.path)).descriptor
+        except NoFaceError:
+            continue
+    return RealFaces(photos, queries)
+
+
+@dataclass
+class SyntheticModel:
+    mean: np.ndarray
+    chol: np.ndarray
+    norm_mean: float
+    norm_std: float
+
+    @classmethod
+    def fit(cls, real: np.ndarray) -> SyntheticModel:
+        x = real.astype(np.float64)
+        cov = np.cov(x, rowvar=False)
+        cov = (1 - SHRINK) * cov + SHRINK * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+        norms = np.linalg.norm(x, axis=1)
+        return cls(x.mean(axis=0), np.linalg.cholesky(cov), float(norms.mean()), float(norms.std()))
+
+    def draw(self, n: int, avoid: np.ndarray, seed: int = _SEED) -> tuple[np.ndarray, int]:
+        """n descriptors (float32), none within MARGIN of a row of `avoid`; and how many were redrawn.
+
+        Each block of `_BLOCK` rows has its own seed, so a smaller draw is a prefix of a larger one.
+        """
+        out = np.empty((n, 128), np.float32)
+        redrawn = 0
+        for lo in range(0, n, _BLOCK):
+            rng = np.random.default_rng([seed, lo // _BLOCK])
+            m = min(_BLOCK, n - lo)
+            block = self._sample(rng, _BLOCK)[:m]
+            near = np.flatnonzero(_min_distance(block, avoid) < MARGIN)
+            while len(near):
+                redrawn += len(near)
+                block[near] = self._sample(rng, len(near))
+                near = near[_min_distance(block[near], avoid) < MARGIN]
+            out[lo : lo + m] = block
+        return out, redrawn
+
+    def _sample(self, rng: np.random.Generator, m: int) -> np.ndarray:
+        z = rng.standard_normal((m, 128)) @ self.chol.T + self.mean
+        target = np.clip(rng.normal(self.norm_mean, self.norm_std, m), 0.5 * self.norm_mean, 1.5 * self.norm_mean)
+        return (z * (target / np.linalg.norm(z, axis=1))[:, None]).astype(np.float32)
+
+
+def _min_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    d2 = (x * x).sum(1)[:, None] - 2 * x @ y.T + (y * y).sum(1)[None, :]
+    return np.sqrt(np.maximum(d2, 0)).min(axis=1)
+
+
+def describe_synthetic(real: RealFaces, synthetic: np.ndarray, redrawn: int) -> dict[str, object]:
+    """How the synthetic faces compare with the real ones (for the README's honesty)."""
+    rng = np.random.default_rng(1)
+    g = real.gallery_descriptors
+    sample = synthetic[rng.choice(len(synthetic), min(2000, len(synthetic)), replace=False)]
+
+    def pairwise_median(x: np.ndarray) -> float:
+        d = np.sqrt(np.maximum((x * x).sum(1)[:, None] - 2 * x @ x.T + (x * x).sum(1)[None, :], 0))
+        return float(np.median(d[np.triu_indices(len(x), 1)]))
+
+    return {
+        "method": "Gaussian with the real descriptors' mean and covariance (shrunk 10% towards the mean "
+        "variance), each rescaled to a norm drawn from the real norms' normal fit; draws within "
+        f"{MARGIN} of any query face redrawn",
+        "real_faces_fitted": int(len(g) + len(real.queries)),
+        "real_norm_mean": round(float(np.linalg.norm(g, axis=1).mean()), 4),
+        "synthetic_norm_mean": round(float(np.linalg.norm(sample, axis=1).mean()), 4),
+        "real_pairwise_distance_median": round(pairwise_median(g), 4),
+        "synthetic_pairwise_distance_median": round(pairwise_median(sample), 4),
+        "synthetic_to_real_gallery_distance_min": round(float(_min_distance(sample, g).min()), 4),
+        "synthetic_to_queries_distance_min": round(float(_min_distance(synthetic[:200_000], real.query_descriptors)
+                                                      .min()), 4),
+        "redrawn": redrawn,
+    }
+
+
+class Galleries:
+    """The benchmark galleries, built on first use and cached."""
+
+    def __init__(self, real: RealFaces, largest: int):
+        self.real = real
+        self.key = real.key()
+        self._largest = largest
+        self._synthetic: np.ndarray | None = None
+        self.redrawn = 0
+        self.write_seconds: dict[int, float] = {}
+
+    def synthetic(self) -> np.ndarray:
+        if self._synthetic is None:
+            model = SyntheticModel.fit(np.concatenate([self.real.gallery_descriptors, self.real.query_descriptors]))
+            n = max(self._largest - self.real.face_count, 0)
+            self._synthetic, self.redrawn = model.draw(n, self.real.query_descriptors)
+        return self._synthetic
+
+    def path(self, faces: int) -> Path:
+        """A gallery of `faces` faces (the real ones included), built now unless cached."""
+        folder = CACHE / f"gallery-{faces}-{self.key}"
+        if layout.is_gallery(folder):
+            return folder
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE / f".tmp-{os.getpid()}-{faces}-{self.key}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"  writing a gallery of {faces:,} faces to {folder}")
+        t = time.perf_counter()
+        write_gallery(tmp, self.real, self.synthetic()[: faces - self.real.face_count])
+        self.write_seconds[faces] = round(time.perf_counter() - t, 2)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another run wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    def empty(self) -> Path:
+        folder = CACHE / f"gallery-0-{self.key}"
+        if not layout.is_gallery(folder):
+            tmp = CACHE / f".tmp-{os.getpid()}-0-{self.key}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            with GalleryWriter(tmp, EncoderSettings().recorded(), CACHE / "photos", "bench", create=True):
+                pass
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+
+def write_gallery(folder: Path, real: RealFaces | None, synthetic: np.ndarray, photos_prefix: str = "synthetic",
+                  faces_per_photo: int = FACES_PER_PHOTO, photo_root: Path = CACHE / "photos") -> None:
+    """A gallery of the real dev photos (ids real/gNN.jpg) and synthetic photos of `faces_per_photo` faces."""
+    with GalleryWriter(folder, EncoderSettings().recorded(), photo_root, "bench", create=True) as writer:
+        if real is not None:
+            for item, sha, faces in real.photos:
+                writer.add(PendingPhoto(f"real/{Path(item.file).name}", sha, item.path.stat().st_size, 0.0, faces))
+        box = (10, 110, 110, 10)
+        step = 1 << 18
+        for lo in range(0, len(synthetic), step):
+            block = synthetic[lo : lo + step]
+            for k in range(0, len(block), faces_per_photo):
+                n = lo + k
+                faces = [Face(box, d) for d in block[k : k + faces_per_photo]]
+                pid = f"{photos_prefix}/s{n // 4000:04d}/p{n:07d}.jpg"
+                writer.add(PendingPhoto(pid, hashlib.sha256(pid.encode()).hexdigest(), 100_000, 0.0, faces))
+            if lo + step < len(synthetic):
+                writer.commit(final=False)  # bounds the writer's buffer; the last commit writes the index
+        writer.commit(final=True)

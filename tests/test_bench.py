@@ -1,0 +1,98 @@
+"""The benchmark's smoke run: `python -m bench.run --quick` runs end to end and writes what the README reads.
+
+Times are never asserted (this machine is shared); the structure of results.json, the plot, and the
+outcomes that do not depend on time are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMING_KEYS = {"median_ms", "p25_ms", "p75_ms", "min_ms", "max_ms", "n"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    out = tmp_path_factory.mktemp("bench")
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"bench.run --quick exited {p.returncode}:\n{p.stderr[-4000:]}"
+    return json.loads((out / "results.json").read_text()), out, p.stdout
+
+
+def _timing(st: dict) -> None:
+    assert set(st) == TIMING_KEYS
+    assert st["n"] >= 1
+    assert st["min_ms"] <= st["p25_ms"] <= st["median_ms"] <= st["p75_ms"] <= st["max_ms"]
+
+
+def test_quick_run_measures_every_section(quick_run):
+    results, _, _ = quick_run
+    for section in ("meta", "jobs", "search", "worker", "memory", "old_way", "build", "encoder", "synthetic",
+                    "targets"):
+        assert section in results, section
+        assert "error" not in results[section], results[section]
+    assert results["meta"]["mode"] == "quick"
+
+
+def test_job_latency_has_a_median_and_spread_per_method_and_size(quick_run):
+    jobs = quick_run[0]["jobs"]
+    for engine in ("onnx", "dlib"):
+        assert set(jobs["fsw"][engine]) == {str(s) for s in jobs["sizes"]}
+        for st in jobs["fsw"][engine].values():
+            _timing(st)
+    for st in jobs["numpy"].values():
+        _timing(st)
+
+
+def test_synthetic_faces_leave_the_selfies_results_unchanged(quick_run):
+    results = quick_run[0]
+    assert results["jobs"]["expected_matches"], "the query should find its real photos"
+    assert results["jobs"]["all_results_real"] is True
+    assert results["synthetic"]["synthetic_to_queries_distance_min"] >= 0.5
+
+
+def test_worker_answers_jobs_from_the_queue(quick_run):
+    worker = quick_run[0]["worker"]
+    assert worker["available"] is True
+    for row in worker["sizes"].values():
+        _timing(row["latency"])
+        assert row["matches"] == len(quick_run[0]["jobs"]["expected_matches"])
+        assert row["rss_bytes"] > 0
+
+
+def test_search_alone_is_compared_with_the_bandwidth_floor(quick_run):
+    search = quick_run[0]["search"]
+    assert search["bandwidth"]["gb_per_s"] > 0
+    for row in search["sizes"].values():
+        for method in ("fsw", "faiss_range", "numpy_matmul"):
+            _timing(row[method])
+        assert row["floor_ms"] > 0
+        assert row["faces_found"]["faiss"] == row["faces_found"]["numpy"]
+
+
+def test_build_old_way_memory_and_encoder_sections_have_their_figures(quick_run):
+    r = quick_run[0]
+    b = r["build"]
+    assert [x["jobs"] for x in b["tree_builds"]][0] == 1
+    assert all(x["photos"] == b["tree_photos"] and x["skipped"] == 0 for x in b["tree_builds"])
+    assert set(b["per_photo_ms"]) >= {"decode", "detect", "landmarks_chip", "descriptor_onnx", "hash", "write"}
+    assert all(a["added_photos"] > 0 for a in b["add"])
+    assert r["old_way"]["measured"] and r["old_way"]["extrapolated_1000"]["photos"] == 1000
+    assert r["memory"]["processes"]["0"]["faces"] == 0
+    grid = r["encoder"]["detection_grid"]
+    assert grid and all(g["faces_expected"] > 0 for g in grid)
+    assert set(r["encoder"]["descriptor_engines"]) >= {"dlib", "onnx", "dlib_over_onnx"}
+    assert all({"name", "target", "value", "met"} <= set(t) for t in r["targets"])
+
+
+def test_plot_and_table_are_written(quick_run):
+    _, out, stdout = quick_run
+    assert (out / "job-latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Per-job latency" in stdout and "Targets" in stdout
