@@ -1,8 +1,8 @@
 """A gallery opened for searching: the committed version, held in memory.
 
-`Gallery.open(folder)` loads what the manifest names: photo and face metadata from gallery.h5 (only the
-committed rows) and the descriptors into a FAISS IndexFlatL2 (from the index file when there is one,
-plus any committed rows added after it). Any number of readers may open a gallery while its one
+`Gallery.open(folder)` loads what the manifest names: photo and face metadata from the row files (only
+the committed rows, see `store`) and the descriptors into a FAISS IndexFlatL2 (from the index file when
+there is one, plus any committed rows added after it). Any number of readers may open a gallery while its one
 writer (`store.GalleryWriter`) works; a reader never sees a half-written version.
 """
 
@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import faiss
-import h5py
 import numpy as np
 
-from matcher import layout
+from matcher import layout, store
 from matcher.errors import GalleryError, StageError
 from matcher.search import (
     DEFAULT_THRESHOLD,
@@ -97,15 +96,12 @@ class Gallery:
 
     @classmethod
     def _load(cls, folder: Path, m: layout.Manifest) -> Gallery:
-        with h5py.File(folder / layout.H5_NAME, "r", locking=False) as h5:
-            photos, faces = h5["photos"], h5["faces"]
-            if photos["id"].shape[0] < m.photos or faces["photo"].shape[0] < m.faces:
-                raise GalleryError(f"{folder / layout.H5_NAME} holds fewer rows than its manifest names")
-            ids = np.asarray(photos["id"].asstr()[: m.photos], dtype=object)
-            removed_at = photos["removed_at"][: m.photos]
-            face_photo = faces["photo"][: m.faces].astype(np.int32)
-            boxes = faces["box"][: m.faces].astype(np.int32)
-            index = _load_index(folder, m, faces["descriptor"])
+        rows = store.read_rows(folder, m, ("id", "removed_at"), ("photo", "box"))
+        ids = rows.photos["id"]
+        removed_at = rows.photos["removed_at"]
+        face_photo = rows.faces["photo"].astype(np.int32)
+        boxes = rows.faces["box"].astype(np.int32)
+        index = _load_index(folder, m)
         live = (removed_at == 0) | (removed_at > m.version)
         return cls(folder, m, ids, live, face_photo, boxes, index)
 
@@ -156,18 +152,16 @@ class Gallery:
         return GalleryStats(self.version, len(live_ids), self.face_count, len(live_ids) - with_faces, stages)
 
 
-def _load_index(folder: Path, m: layout.Manifest, descriptors: h5py.Dataset) -> faiss.IndexFlatL2:
-    """The index file's rows, then committed rows written after it, read from gallery.h5."""
+def _load_index(folder: Path, m: layout.Manifest) -> faiss.IndexFlatL2:
+    """The index file's rows, then committed rows written after it, read from the row files."""
     if m.index and m.index_faces <= m.faces and (folder / m.index).is_file():
         index = faiss.read_index(str(folder / m.index))
         if index.ntotal != m.index_faces or index.d != 128:
             raise GalleryError(f"{m.index} holds {index.ntotal} faces, the manifest says {m.index_faces}")
     else:
         index = faiss.IndexFlatL2(128)
-    start = index.ntotal
-    step = 1 << 16
-    for lo in range(start, m.faces, step):
-        index.add(np.ascontiguousarray(descriptors[lo : min(lo + step, m.faces)], dtype=np.float32))
+    for block in store.iter_descriptors(folder, m, start=index.ntotal):
+        index.add(block)
     return index
 
 

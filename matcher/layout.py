@@ -1,13 +1,15 @@
 """The files of a gallery folder, its manifest and its writer's lock.
 
-    gallery.h5          the source of truth (see `store`)
-    index-v<N>.faiss    a FAISS IndexFlatL2 of the first `index_faces` face rows (a cache of gallery.h5)
-    manifest.json       written last, by atomic rename: names the committed version and row counts
+    gallery.h5          the source of truth, with the segments: the oldest rows (see `store`)
+    gallery-v<N>.h5     a segment: rows committed after gallery.h5, written by version N
+    index-v<N>.faiss    a FAISS IndexFlatL2 of the first `index_faces` face rows (a cache of the rows)
+    manifest.json       written last, by atomic rename: names the committed version, its files and counts
     .lock               held (flock) by the one writer; records its pid and command
     last-run.json       the summary of the last build or add
 
-Readers load what the manifest names and ignore rows past its counts, so a writer that dies before the
-rename leaves the previous version readable.
+No file is modified once a manifest names it (gallery.h5 is only ever replaced whole, by rename), and
+readers load what the manifest names, so a writer that dies before the rename leaves the previous
+version readable, and the next writer finds it intact.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 
 from matcher.errors import GalleryError, GalleryLockedError
 
-FORMAT = 1
+FORMAT = 2
+# Format 1 is format 2 without segments (gallery.h5 was appended in place); the writer upgrades it.
+READABLE_FORMATS = (1, 2)
 H5_NAME = "gallery.h5"
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
@@ -33,8 +37,11 @@ class Manifest:
     """What readers load: the committed version of the gallery."""
 
     version: int = 0
-    photos: int = 0  # committed photo rows in gallery.h5 (removed ones included)
+    photos: int = 0  # committed photo rows in all row files (removed ones included)
     faces: int = 0  # committed face rows
+    # the row files after gallery.h5, in row order: {"file", "photos", "faces", "removals"} each;
+    # gallery.h5 holds the first photos - sum(photos) photo rows and faces - sum(faces) face rows
+    segments: list[dict[str, Any]] = field(default_factory=list)
     index: str | None = None  # FAISS file holding face rows [0, index_faces)
     index_faces: int = 0
     index_sha256: str | None = None
@@ -68,10 +75,14 @@ def read_manifest(gallery: str | os.PathLike[str]) -> Manifest:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise GalleryError(f"{path} is unreadable ({e}): run `fsw-index verify --gallery {folder}`") from None
-    if raw.get("format") != FORMAT:
-        raise GalleryError(f"{path} has format {raw.get('format')!r}; this fsw reads format {FORMAT}")
+    if not isinstance(raw, dict) or raw.get("format") not in READABLE_FORMATS:
+        got = raw.get("format") if isinstance(raw, dict) else None
+        raise GalleryError(f"{path} has format {got!r}; this fsw reads formats {', '.join(map(str, READABLE_FORMATS))}")
     known = set(Manifest.__dataclass_fields__)
-    return Manifest(**{k: v for k, v in raw.items() if k in known})
+    try:
+        return Manifest(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as e:
+        raise GalleryError(f"{path} is unreadable ({e}): run `fsw-index verify --gallery {folder}`") from None
 
 
 def manifest_version(gallery: str | os.PathLike[str]) -> int | None:
