@@ -237,5 +237,25 @@ def _print_summary(s: Summary) -> None:
     click.echo(f"summary written to {Path(s.gallery) / layout.SUMMARY_NAME}")
 
 
+@main.command()
+@_gallery_option
+def verify(gallery: Path) -> None:
+    """Check the gallery's integrity: one line per problem and exit 1, or a one-line OK summary.
+
+    Checks the manifest, that every file it names is there, the FAISS index's checksum and vectors,
+    and the row counts and references of the row files. Reads only; safe while fsw-index or workers run.
+
+    \b
+        fsw-index verify --gallery /srv/fsw/gallery
+    """
+    from matcher.verify import check_gallery
+
+    verdict = check_gallery(gallery)
+    for problem in verdict.problems:
+        click.echo(problem, err=True)
+    if verdict.problems:
+        sys.exit(1)
+    click.echo(verdict.summary())
+
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename(sys.argv[0]))

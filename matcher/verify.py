@@ -50,7 +50,7 @@ class Verdict:
         extra = f"; {self.uncommitted_rows} uncommitted rows of an interrupted writer" if self.uncommitted_rows else ""
         removed = self.photos - self.live_photos
         return (f"OK: {self.folder}: version {self.version}, {self.live_photos} photos ({removed} removed), "
-                f"{self.faces} faces in {self.files} row files, {index}{extra}")
+                f"{self.faces} faces in {self.files} row file{'s' if self.files != 1 else ''}, {index}{extra}")
 
 
 def verify_gallery(folder: str | os.PathLike[str]) -> list[str]:
@@ -76,8 +76,8 @@ def _check(folder: Path) -> Verdict:
     if m is None:
         return v
     v.version, v.photos, v.faces, v.index, v.index_faces = m.version, m.photos, m.faces, m.index, m.index_faces
-    missing = [k for k in SETTINGS_KEYS if k not in (m.settings or {})]
-    if missing:
+    missing = [k for k in SETTINGS_KEYS if k not in m.settings]
+    if m.settings and missing:
         v.problems.append(f"{layout.MANIFEST_NAME}: settings lack {', '.join(missing)}")
     try:
         files = store.data_files(m)
