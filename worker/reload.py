@@ -30,6 +30,7 @@ class GalleryReloader:
         self.poll_s = poll_s
         self.current: Gallery | None = None
         self.error: str | None = None
+        self.changed = asyncio.Event()  # set at each swap (and new error), for an early heartbeat
         self._open = open_gallery
 
     def require(self) -> Gallery:
@@ -52,6 +53,7 @@ class GalleryReloader:
             return False
         self.current = gallery
         self.error = None
+        self.changed.set()
         log.info(
             "gallery version %s loaded from %s: %s photos, %s faces%s",
             gallery.version, self.folder, gallery.photo_count, gallery.face_count,
@@ -73,4 +75,5 @@ class GalleryReloader:
         if message != self.error:
             serving = f"; still serving version {self.current.version}" if self.current else ""
             log.warning("gallery at %s not loaded: %s%s", self.folder, message, serving)
+            self.changed.set()
         self.error = message

@@ -174,9 +174,7 @@ class WorkerService:
         while not self._stop.is_set():
             try:
                 await redis.ping()  # type: ignore[misc]
-                if self._redis_down_since is not None:
-                    log.info("Redis at %s answers now", self.settings.redis_display)
-                    self._redis_down_since = None
+                self._redis_available()
                 return True
             except (RedisError, OSError) as e:
                 self._redis_unavailable(e)
@@ -243,9 +241,16 @@ class WorkerService:
                 await asyncio.wait_for(self._run_task, 10)
 
     async def _heartbeats(self, redis: Redis, done: asyncio.Event) -> None:
+        """Every 5 s, and at once when the gallery changes, so the dashboard shows the new version."""
+        changed = self.galleries.changed
         while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), HEARTBEAT_INTERVAL_S)
+            waits = {asyncio.ensure_future(done.wait()), asyncio.ensure_future(changed.wait())}
+            try:
+                await asyncio.wait(waits, timeout=HEARTBEAT_INTERVAL_S, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+            changed.clear()
             if not done.is_set():
                 await self._beat(redis)
 
@@ -257,7 +262,9 @@ class WorkerService:
         while not done.is_set():
             try:
                 want = await redis.get(key) == "1"  # type: ignore[misc]
-            except (RedisError, OSError):
+                self._redis_available()
+            except (RedisError, OSError) as e:
+                self._redis_unavailable(e)
                 want = self.paused  # Redis away: keep doing what we do
             if want and not self.paused and not self._stop_requested:
                 self.paused = True
@@ -283,15 +290,21 @@ class WorkerService:
         for attempt in range(attempts):
             try:
                 await write_heartbeat(redis, record)
-                if self._redis_down_since is not None:
-                    log.info("Redis at %s answers again", self.settings.redis_display)
-                    self._redis_down_since = None
+                self._redis_available()
                 return True
             except (RedisError, OSError) as e:
                 self._redis_unavailable(e)
                 if attempt + 1 < attempts:
                     await asyncio.sleep(1)
         return False
+
+    def _redis_available(self) -> None:
+        if self._redis_down_since is not None:
+            log.info(
+                "Redis at %s answers again after %.0f s", self.settings.redis_display,
+                time.monotonic() - self._redis_down_since,
+            )
+            self._redis_down_since = None
 
     def _redis_unavailable(self, error: BaseException) -> None:
         if self._redis_down_since is None:
