@@ -168,8 +168,8 @@ NODE_DIR = ROOT / "tests" / "node"
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of the test's own, for tests that stop and restart it."""
-    server = RedisServer(tmp_path)
+    """A password-protected Redis of the test's own, for tests that stop and restart it."""
+    server = RedisServer(tmp_path, password="fsw-test-secret")
     yield server
     server.stop()
 
@@ -238,7 +238,8 @@ def start_worker(redis_url: str, gallery: Path, queue: str, workdir: Path, *args
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"worker-{queue}-{time.monotonic_ns()}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "FSW_", "GPU_", "WORKER_"))}
-    full_env.update(REDIS_URL=redis_url, FSW_GALLERY=str(gallery), FSW_QUEUE=queue, **env)
+    full_env.update({"REDIS_URL": redis_url, "FSW_GALLERY": str(gallery), "FSW_QUEUE": queue})
+    full_env.update(env)  # may replace REDIS_URL, e.g. with REDIS_HOST/PORT/PASSWORD
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(VENV_BIN / "fsw-worker"), "run", *args], env=full_env, cwd=workdir,
                                 stdout=out, stderr=subprocess.STDOUT)

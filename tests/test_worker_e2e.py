@@ -268,21 +268,26 @@ def test_pause_takes_no_new_job_finishes_the_one_in_hand_and_resume_serves_again
     worker.wait_record(lambda rec: rec["status"] == "online", timeout=5)
 
 
-def test_second_worker_takes_the_next_id_and_sigterm_finishes_the_job_in_hand(
+def test_second_worker_takes_the_next_id_runs_jobs_side_by_side_and_sigterm_finishes_them(
     worker: WorkerProcess, redis_url: str, built_gallery: Path, tmp_path: Path, slow_selfie: Path,
     photo_tree: PhotoTree,
 ) -> None:
     assert worker.id == BASE_ID
     queue = "fsw-e2e-second"
-    second = start_worker(redis_url, built_gallery, queue, tmp_path)
+    second = start_worker(redis_url, built_gallery, queue, tmp_path, WORKER_CONCURRENCY="2")
     assert second.id == f"{BASE_ID}_2"  # the first is live, so the next free suffix
+    assert second.record()["concurrency"] == 2
 
-    (job,) = run_jobs(redis_url, queue, [selfie_job(slow_selfie)], wait=False)
-    assert wait_state(redis_url, queue, job.id, {"active"}) == "active"
-    assert second.stop(timeout=60) == 0
-    (outcome,) = run_jobs_state(redis_url, queue, job.id)
-    assert outcome.state == "completed" and set(outcome.photo_ids) <= photo_tree.photos_of("obama")
+    jobs = run_jobs(redis_url, queue, [selfie_job(slow_selfie), selfie_job(slow_selfie)], wait=False)
+    deadline = time.monotonic() + 20
+    while [wait_state(redis_url, queue, j.id, {"active"}, timeout=0.01) for j in jobs] != ["active", "active"]:
+        assert time.monotonic() < deadline, "with --concurrency 2 both jobs should be in hand at once"
+    assert second.stop(timeout=60) == 0  # SIGTERM with both jobs in hand
+    for job in jobs:
+        (outcome,) = run_jobs_state(redis_url, queue, job.id)
+        assert outcome.state == "completed" and set(outcome.photo_ids) <= photo_tree.photos_of("obama")
     assert second.record()["status"] == "offline"
+    assert second.record()["jobs_processed"] == 2
 
     again = start_worker(redis_url, built_gallery, queue, tmp_path)  # a restart keeps its id
     try:
@@ -305,3 +310,24 @@ def run_jobs_state(redis_url: str, queue: str, job_id: str) -> list[JobOutcome]:
             await q.close()
 
     return asyncio.run(go())
+
+
+def test_fsw_worker_submit_prints_the_result_or_the_reason(
+    worker: WorkerProcess, redis_url: str, faces_dir: Path, photo_tree: PhotoTree, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("FSW_QUEUE", QUEUE)
+    found = CliRunner().invoke(main, ["submit", str(faces_dir / "queries" / "q04.jpg"), "--stage", "Day-1/Morning"])
+    assert found.exit_code == 0, found.output
+    result = json.loads(found.stdout)
+    assert result and all(e["id"].startswith("Day-1/Morning/") and "obama" in photo_tree.people[e["id"]]
+                          for e in result)
+    no_face = CliRunner().invoke(main, ["submit", str(faces_dir / "queries" / "q15.jpg")])
+    assert no_face.exit_code == 1
+    assert "failed: no face found in the selfie" in no_face.output

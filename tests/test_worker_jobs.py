@@ -325,3 +325,29 @@ def _png(width: int, height: int) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (200, 150, 120)).save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_the_record_shows_the_job_in_hand_while_it_runs(
+    built_gallery: Path, encoders: EncoderPool, executor: ThreadPoolExecutor, redis_url: str, slow_selfie: Path,
+) -> None:
+    service = WorkerService(WorkerSettings(redis_url=redis_url, gallery=built_gallery), install_signals=False)
+    seen: list[tuple[str, str | None]] = []
+
+    async def go() -> None:
+        await service.galleries.refresh()
+        redis = Redis.from_url(redis_url, decode_responses=True)
+        handler = SearchJobs(service.galleries, encoders, executor, redis, service.stats)
+        job = asyncio.ensure_future(handler(RecordingJob(selfie_job(slow_selfie), id="42"), "t"))
+        while not job.done():
+            record = service.record()
+            seen.append((record.status, record.current_job))
+            await asyncio.sleep(0.05)
+        await job
+        await redis.aclose()
+
+    asyncio.run(go())
+    assert ("busy", "42") in seen
+    after = service.record()
+    assert (after.status, after.current_job, after.jobs_processed, after.jobs_failed) == ("online", None, 1, 0)
+    assert after.job_p50_ms > 500 and after.search_p50_ms < after.job_p50_ms
+    assert (after.gallery_version, after.gallery_photos, after.gallery_faces) == (1, 19, 40)

@@ -85,19 +85,21 @@ def test_gallery_built_added_to_and_removed_from_is_served_without_restart_or_fa
         assert worker.stop() == 0
 
 
-def test_worker_waits_for_redis_and_survives_a_restart(
+def test_worker_waits_for_a_password_protected_redis_and_survives_its_restart(
     private_redis: RedisServer, built_gallery: Path, faces_dir: Path, photo_tree: PhotoTree, tmp_path: Path,
 ) -> None:
     queue, url = "fsw-restart", private_redis.url
     biden = selfie_job(faces_dir / "queries" / "q01.jpg")
     private_redis.stop()
-    worker = start_worker(url, built_gallery, queue, tmp_path, wait=False)  # Redis is not there yet
+    # configured the other way: host, port and password; Redis is not there yet
+    worker = start_worker(url, built_gallery, queue, tmp_path, wait=False, REDIS_URL="", REDIS_HOST="127.0.0.1",
+                          REDIS_PORT=str(private_redis.port), REDIS_PASSWORD="fsw-test-secret")
     try:
         deadline = time.monotonic() + 30
         while "unavailable" not in worker.log_text() and time.monotonic() < deadline:
             assert worker.proc.poll() is None, worker.log_text()
             time.sleep(0.1)
-        assert "Redis at redis://127.0.0.1" in worker.log_text(), worker.log_text()
+        assert "Redis at redis://:***@127.0.0.1" in worker.log_text(), worker.log_text()
         private_redis.start()
         worker.wait_record(lambda rec: rec["status"] == "online", timeout=30)
         (before,) = run_jobs(url, queue, [biden])
@@ -113,7 +115,10 @@ def test_worker_waits_for_redis_and_survives_a_restart(
         with redis.Redis.from_url(url, decode_responses=True) as r:
             names = [c["name"] for c in r.client_list()]
         assert names.count(node_client_name("bull", queue, worker.id)) == 2  # reconnected, named for Node
-        assert worker.log_text().count("unavailable") == 2  # at the start and after the restart, once each
+        log = worker.log_text()
+        assert log.count("unavailable") == 2  # at the start and after the restart, once each
+        assert "answers again" in log
+        assert "fsw-test-secret" not in log and f"redis://:***@127.0.0.1:{private_redis.port}" in log
     finally:
         assert worker.stop() == 0
 
