@@ -211,10 +211,13 @@ def test_node_portal_client_gets_results_progress_failures_and_sees_the_worker(
 # -- the heartbeat -------------------------------------------------------------------------------------
 
 
-def test_heartbeat_record_has_the_dashboards_fields_with_real_values(worker: WorkerProcess,
-                                                                    built_gallery: Path) -> None:
+def test_heartbeat_record_has_the_dashboards_fields_with_real_values(
+    worker: WorkerProcess, built_gallery: Path, redis_url: str, faces_dir: Path,
+) -> None:
     from matcher.layout import manifest_version
 
+    (job,) = run_jobs(redis_url, QUEUE, [selfie_job(faces_dir / "queries" / "q01.jpg")])
+    assert job.state == "completed"
     record = worker.wait_record(lambda rec: rec["jobs_processed"] > 0, timeout=10)
     Heartbeat.model_validate(record)
     assert record["id"] == BASE_ID  # --gpus all without a GPU: one CPU process

@@ -255,6 +255,9 @@ def test_the_event_loop_stays_free_while_a_job_runs(
     async def go() -> float:
         galleries = GalleryReloader(built_gallery)
         await galleries.refresh()
+        # the thread's encoder is made before the job, as the worker does at start: making one holds
+        # the GIL while it loads the models
+        await asyncio.get_running_loop().run_in_executor(executor, encoders.get, galleries.require().settings)
         redis = Redis.from_url(redis_url, decode_responses=True)
         handler = SearchJobs(galleries, encoders, executor, redis, WorkerStats())
         started = time.perf_counter()
@@ -270,7 +273,7 @@ def test_the_event_loop_stays_free_while_a_job_runs(
         return time.perf_counter() - started
 
     took = asyncio.run(go())
-    assert took > 0.8, "the slow selfie should keep the job busy for a while"
+    assert took > 0.5, "the slow selfie should keep the job busy for a while"
     assert max(gaps) < 0.25, f"the event loop stalled for {max(gaps):.2f} s during a {took:.2f} s job"
 
 

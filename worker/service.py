@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -116,7 +117,9 @@ class WorkerService:
             await self.galleries.refresh()
             await self._warm_up(loop, executor)
             base = base_worker_id(self.settings.hostname, self.settings.gpu_index)
-            self.worker_id = await claim_worker_id(redis, base, self.record("starting"))
+            self.worker_id = await self._claim(redis, base)
+            if self.worker_id is None:
+                return 0  # stopped while Redis was away
             if self.worker_id != base:
                 log.info("worker id %s is held by a live worker: using %s", base, self.worker_id)
             handler = SearchJobs(self.galleries, self.encoders, executor, redis, self.stats)
@@ -183,11 +186,31 @@ class WorkerService:
             delay = min(delay * 2, 10.0)
         return False
 
+    async def _claim(self, redis: Redis, base: str) -> str | None:
+        """The worker id (see `claim_worker_id`), waiting for Redis if it goes away meanwhile."""
+        while True:
+            try:
+                return await claim_worker_id(redis, base, self.record("starting"))
+            except (RedisError, OSError) as e:
+                self._redis_unavailable(e)
+                if not await self._connect(redis):
+                    return None
+
     async def _warm_up(self, loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor) -> None:
-        """Make a thread's encoder now: model errors show at start, and the first job is not slow."""
-        gallery = self.galleries.current
-        if gallery is not None:
-            await loop.run_in_executor(executor, self.encoders.get, gallery.settings)
+        """Make every thread's encoder now (without a gallery yet, with the default settings).
+
+        Loading the models holds the GIL for about a second, which would stall the event loop in the
+        middle of a job; done here, model errors also show at start and the heartbeat knows the device.
+        The barrier keeps each warm-up task on a thread of its own.
+        """
+        recorded = self.galleries.current.settings if self.galleries.current else {}
+        together = threading.Barrier(self.settings.concurrency)
+
+        def warm() -> None:
+            self.encoders.get(recorded)
+            together.wait(timeout=120)
+
+        await asyncio.gather(*(loop.run_in_executor(executor, warm) for _ in range(self.settings.concurrency)))
 
     def _start_worker(self, handler: SearchJobs) -> Worker:
         assert self.worker_id is not None
@@ -226,7 +249,7 @@ class WorkerService:
         worker = self._worker
         if worker is None:
             return
-        closing = asyncio.ensure_future(worker.close())
+        closing = asyncio.ensure_future(self._finish_jobs_then_close(worker))
         finished, _ = await asyncio.wait({closing}, timeout=GRACEFUL_STOP_S)
         if not finished:
             log.warning("jobs still running after %.0f s: abandoning them", GRACEFUL_STOP_S)
@@ -239,6 +262,26 @@ class WorkerService:
         if self._run_task is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(self._run_task, 10)
+
+    @staticmethod
+    async def _finish_jobs_then_close(worker: Worker) -> None:
+        """Stop fetching, wait for every job in hand, then close the connections.
+
+        bullmq's close() waits only for the tasks it sees when called: a job whose fetch completes a
+        moment later would be processed after its connections closed, and left active. So: pause (no
+        new fetch), wait until nothing is in flight for a few loop turns, and only then close.
+        """
+        await worker.pause()
+        quiet = 0
+        while quiet < 3:
+            pending = [task for task in worker.processing if not task.done()]
+            if pending:
+                quiet = 0
+                await asyncio.wait(pending)
+            else:
+                quiet += 1
+                await asyncio.sleep(0.02)  # lets the run loop turn a just-fetched job into a task
+        await worker.close()
 
     async def _heartbeats(self, redis: Redis, done: asyncio.Event) -> None:
         """Every 5 s, and at once when the gallery changes, so the dashboard shows the new version."""
