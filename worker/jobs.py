@@ -120,7 +120,7 @@ class SearchJobs:
                 f"fsw-worker could not process this job ({type(e).__name__}: {str(e)[:200]}): see the worker's log"
             ) from None
         ms = self.stats.job_finished(job_id, ok=True, search_ms=timing.get("search_ms"))
-        log.info("job %s: %d photos in %.0f ms", job_id, len(result), ms)
+        log.info("job %s answered in %.0f ms: %d photo%s", job_id, ms, len(result), "" if len(result) == 1 else "s")
         return result
 
     async def search(self, job: JobLike, timing: dict[str, float]) -> list[dict[str, Any]]:
