@@ -187,8 +187,8 @@ ORT_OOM = RuntimeError(
 
 
 def engine_failing_with(error: Exception) -> Callable[..., WorkerEngine]:
-    def make(name: str, threads: int | None, on_fallback: Any) -> WorkerEngine:
-        return WorkerEngine(FailingCudaEngine(error), lambda: make_worker_engine("onnx", threads), on_fallback)
+    def make(name: str, threads: int | None) -> WorkerEngine:
+        return WorkerEngine(FailingCudaEngine(error), lambda: make_worker_engine("onnx", threads))
 
     return make
 

@@ -2,8 +2,8 @@
 
 `WorkerEngine` wraps the engine `matcher.engines.make_engine` gives (ONNX Runtime, on CUDA where it can)
 and is handed to `matcher.encoder.Encoder`. A call that fails with CUDA out of memory is run again on a
-CPU engine (made on first need), and reported through `on_fallback`, so the job completes and the
-heartbeat shows it. `on_face` is called as a face's chip reaches the engine: the moment detection has
+CPU engine (made on first need) and counted in `fallbacks`, so the job completes and the heartbeat
+shows it. `on_face` is called as a face's chip reaches the engine: the moment detection has
 found the selfie's face, which the job reports as progress. Both engines are injectable, so a test can
 simulate the out-of-memory error on a machine without a GPU.
 """
@@ -44,17 +44,12 @@ def engine_device(engine: object) -> str:
 class WorkerEngine:
     """A descriptor engine with a per-call CPU fallback on CUDA out-of-memory, and a face hook."""
 
-    def __init__(
-        self,
-        primary: DescriptorEngine,
-        make_fallback: Callable[[], DescriptorEngine] | None = None,
-        on_fallback: Callable[[BaseException], None] | None = None,
-    ):
+    def __init__(self, primary: DescriptorEngine, make_fallback: Callable[[], DescriptorEngine] | None = None):
         self.primary = primary
         self.name = primary.name
         self._make_fallback = make_fallback
         self._fallback: DescriptorEngine | None = None
-        self.on_fallback = on_fallback
+        self.fallbacks = 0  # calls run on the CPU after CUDA ran out of memory
         self.on_face: Callable[[], None] | None = None
 
     @property
@@ -70,16 +65,13 @@ class WorkerEngine:
             if self._make_fallback is None or not is_cuda_oom(e):
                 raise
             log.warning("CUDA out of memory while encoding (%s): encoding this selfie on the CPU", e)
-            if self.on_fallback is not None:
-                self.on_fallback(e)
+            self.fallbacks += 1
             if self._fallback is None:
                 self._fallback = self._make_fallback()
             return self._fallback.describe(list(chips), jitters)
 
 
-def make_worker_engine(
-    name: str, threads: int | None, on_fallback: Callable[[BaseException], None] | None = None
-) -> WorkerEngine:
+def make_worker_engine(name: str, threads: int | None) -> WorkerEngine:
     """The engine `name` ('onnx' or 'dlib'); on CUDA, with a CPU engine of the same kind as fallback."""
     primary = make_engine(name, threads)
     fallback = None
@@ -90,4 +82,4 @@ def make_worker_engine(
 
             return OnnxEngine(threads=threads, device="cpu")
 
-    return WorkerEngine(primary, fallback, on_fallback)
+    return WorkerEngine(primary, fallback)

@@ -54,20 +54,18 @@ class JobLike(Protocol):
 class EncoderPool:
     """One Encoder per thread, made on first use, remade when a new gallery records other settings.
 
-    `make_engine(name, threads, on_fallback)` builds each thread's descriptor engine: a test passes one
-    that fails like CUDA out of memory.
+    `make_engine(name, threads)` builds each thread's descriptor engine: a test passes one that fails
+    like CUDA out of memory.
     """
 
     def __init__(
         self,
         engine: str = "onnx",
         threads: int | None = None,
-        on_cuda_fallback: Callable[[BaseException], None] | None = None,
         make_engine: Callable[..., WorkerEngine] = make_worker_engine,
     ):
         self.engine = engine
         self.threads = threads
-        self.on_cuda_fallback = on_cuda_fallback
         self._make_engine = make_engine
         self._local = threading.local()
         self.device = "cpu"  # where the last engine made runs; for the heartbeat
@@ -76,7 +74,7 @@ class EncoderPool:
         key = repr(sorted(recorded.items()))
         held = getattr(self._local, "held", None)
         if held is None or held[0] != key:
-            engine = self._make_engine(self.engine, self.threads, self.on_cuda_fallback)
+            engine = self._make_engine(self.engine, self.threads)
             settings = EncoderSettings.from_recorded(recorded, engine=self.engine, threads=self.threads)
             held = (key, Encoder(settings, engine=engine), engine)
             self._local.held = held
@@ -160,10 +158,13 @@ class SearchJobs:
     def _describe(self, image: np.ndarray, gallery: Gallery, on_face: Callable[[], None]) -> np.ndarray:
         encoder, engine = self.encoders.get(gallery.settings)
         engine.on_face = on_face
+        fallbacks = engine.fallbacks
         try:
             return selfie_descriptor(encoder, image)
         finally:
             engine.on_face = None
+            if engine.fallbacks > fallbacks:  # once per job, however many engine calls fell back
+                self.stats.cuda_oom()
 
     async def _without_excluded(self, matches: list[Match]) -> list[Match]:
         if not matches:

@@ -85,7 +85,7 @@ class WorkerService:
         self.settings = settings
         self.stats = WorkerStats()
         threads = max(1, cores() // settings.concurrency)
-        self.encoders = EncoderPool(engine, threads, on_cuda_fallback=self.stats.cuda_oom, make_engine=make_engine)
+        self.encoders = EncoderPool(engine, threads, make_engine=make_engine)
         self.galleries = GalleryReloader(settings.gallery)
         self.metrics = HostMetrics(settings.gpu_index)
         self.install_signals = install_signals

@@ -44,7 +44,8 @@ class WorkerStats:
                 self._search_ms.append(search_ms)
             return elapsed
 
-    def cuda_oom(self, _error: BaseException | None = None) -> None:
+    def cuda_oom(self) -> None:
+        """A job whose encoding ran out of GPU memory and was done on the CPU."""
         with self._lock:
             self.cuda_oom_fallbacks += 1
             self.last_cuda_oom = time.time()
