@@ -4,7 +4,8 @@
 --reliability-full`) runs the full one. `FSW_RELIABILITY_FULL=1` does the same from any invocation: pytest
 reads this file's option only when the run names tests/reliability (or a file in it).
 
-A scenario asks `reliability_trials(full, short)` how many trials to run and records its outcome with
+A scenario asks `reliability_trials(full, short)` how many trials to run (`FSW_RELIABILITY_SCALE=5`
+multiplies the full counts, for a longer hunt) and records its outcome with
 `reliability_report.record(...)`; the table is printed after the test results and written as JSON to
 `FSW_RELIABILITY_JSON` when that is set.
 """
@@ -49,7 +50,8 @@ def reliability_full(pytestconfig: pytest.Config) -> bool:
 @pytest.fixture(scope="session")
 def reliability_trials(reliability_full: bool):  # type: ignore[no-untyped-def]
     """`reliability_trials(full, short)`: the trial count for this run's mode."""
-    return lambda full, short: full if reliability_full else short
+    scale = float(os.environ.get("FSW_RELIABILITY_SCALE", "1"))
+    return lambda full, short: max(1, round(full * scale)) if reliability_full else short
 
 
 @pytest.fixture(scope="session")

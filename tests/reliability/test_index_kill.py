@@ -1,8 +1,9 @@
 """Gallery crash safety at the command line: SIGKILL `fsw-index build` and `fsw-index add` at random times.
 
 Both run with `--jobs 1 --checkpoint-s 0`, so they commit once per photo, in the order of
-`find_photos`; kill times are drawn uniformly over the measured duration of an uninterrupted run, so
-they land in start-up, in encoding and inside commits alike. After each kill:
+`find_photos`; kill times are drawn uniformly over the measured duration of an uninterrupted run (the
+median of the runs seen so far, since other work on the machine changes it), so they land in start-up,
+in encoding and inside commits alike. After each kill:
 
 - `verify_gallery` finds nothing wrong (or, for a build, there is no gallery yet at all);
 - the committed version holds exactly the photos it held before the command plus the first k photos
@@ -21,6 +22,7 @@ import json
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -41,9 +43,11 @@ from matcher.verify import verify_gallery
 from conftest import STAGES, Labelled, lay_out
 
 FSW_INDEX = Path(sys.executable).parent / "fsw-index"
+# Kill times are drawn over [0, T], T the median time from start to last commit (+ 0.3 s) of uninterrupted
+# runs: start-up, encoding and every commit, including the final one that writes the FAISS index.
 OPTIONS = ["--jobs", "1", "--checkpoint-s", "0", "--upsample", "0"]  # upsample 0: half the encoding time
 # The first gallery photos, alternately in the two stages: singles, groups of 2 to 4, one without a face.
-PHOTOS_FULL, PHOTOS_SHORT = 8, 4
+PHOTOS_FULL, PHOTOS_SHORT = 6, 4
 UNKNOWN_STAGE = "unknown stage"
 
 Answer = list[tuple[str, float, tuple[int, ...]]] | str
@@ -63,10 +67,12 @@ class Setup:
     queries: list[Query]
     answers: dict[tuple[str, str], Answer]  # (query, stage) -> the reference's answer
     build_tree: Path
-    build_s: float  # an uninterrupted build's duration
+    # Durations of uninterrupted runs (to the last commit): the first measured before the trials, then
+    # every re-run that found nothing of its work committed, so the kill window follows the machine's load.
+    build_runs: list[float]
     add_tree: Path  # photo root of `base`, which holds stage 1; stage 2 is there to add
     base: Path
-    add_s: float
+    add_runs: list[float]
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -75,10 +81,26 @@ def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return p
 
 
-def _timed(*args: str | Path) -> float:
-    t = time.monotonic()
-    _run(*args)
-    return time.monotonic() - t
+def _timed(*args: str | Path) -> tuple[float, int, str]:
+    """Run fsw-index to the end: (time from its start to its last commit plus 0.3 s, exit status, stderr tail)."""
+    gallery = Path(args[args.index("-g") + 1])
+    log = gallery.with_name(gallery.name + ".log")
+    start = time.monotonic()
+    with open(log, "w") as err:
+        proc = subprocess.Popen([str(FSW_INDEX), *map(str, args)], stdout=subprocess.DEVNULL, stderr=err)
+        version, last_change = layout.manifest_version(gallery), start
+        while proc.poll() is None:
+            now = layout.manifest_version(gallery)
+            if now != version:
+                version, last_change = now, time.monotonic()
+            time.sleep(0.01)
+    return min(time.monotonic(), last_change + 0.3) - start, proc.returncode, log.read_text()[-300:]
+
+
+def _measured(*args: str | Path) -> float:
+    duration, status, err = _timed(*args)
+    assert status == 0, f"fsw-index {args} exited {status}: {err}"
+    return duration
 
 
 def _answers(gallery: Gallery, queries: list[Query], keep: set[str] | None = None) -> dict[tuple[str, str], Answer]:
@@ -106,13 +128,13 @@ def _restricted(setup: Setup, keep: set[str]) -> dict[tuple[str, str], Answer]:
 
 
 @pytest.fixture(scope="module")
-def setup(labels: list[Labelled], tmp_path_factory: pytest.TempPathFactory, reliability_trials) -> Setup:
+def setup(labels: list[Labelled], tmp_path_factory: pytest.TempPathFactory, reliability_full: bool) -> Setup:
     tmp = tmp_path_factory.mktemp("index-kill")
-    photos = [x for x in labels if x.split == "gallery"][: reliability_trials(PHOTOS_FULL, PHOTOS_SHORT)]
+    photos = [x for x in labels if x.split == "gallery"][: PHOTOS_FULL if reliability_full else PHOTOS_SHORT]
     queries_labelled = [x for x in labels if x.split == "query"]
     build_tree = lay_out(photos + queries_labelled, tmp / "build-photos")
     reference = tmp / "reference"
-    build_s = _timed("build", build_tree.root, "-g", reference, *OPTIONS)
+    build_s = _measured("build", build_tree.root, "-g", reference, *OPTIONS)
     g = Gallery.open(reference)
     order = [str(p) for p in g.photo_ids]
     encoder = Encoder(EncoderSettings.from_recorded(g.settings))
@@ -131,8 +153,8 @@ def setup(labels: list[Labelled], tmp_path_factory: pytest.TempPathFactory, reli
     shutil.copytree(build_tree.root / STAGES[1], add_tree / STAGES[1])
     measured = tmp / "add-measured"
     shutil.copytree(base, measured)
-    add_s = _timed("add", add_tree / STAGES[1], "-g", measured, *OPTIONS)
-    setup = Setup(reference, order, queries, _answers(g, queries), build_tree.root, build_s, add_tree, base, add_s)
+    add_s = _measured("add", add_tree / STAGES[1], "-g", measured, *OPTIONS)
+    setup = Setup(reference, order, queries, _answers(g, queries), build_tree.root, [build_s], add_tree, base, [add_s])
     assert _answers(Gallery.open(measured), queries) == setup.answers, "an uninterrupted add differs from a build"
     return setup
 
@@ -147,6 +169,7 @@ class Outcome:
     landed: Counter[str] = field(default_factory=Counter)
     checkpoints: Counter[int] = field(default_factory=Counter)  # new photos committed when the kill came
     failures: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
 
 
 def _landed(folder: Path, before: int | None, after: int | None, final: int) -> str:
@@ -164,8 +187,10 @@ def _landed(folder: Path, before: int | None, after: int | None, final: int) -> 
     return "between commits (encoding)"
 
 
-def _trial(setup: Setup, out: Outcome, command: str, folder: Path, kill_after: float, before: set[str],
+def _trial(setup: Setup, out: Outcome, command: str, folder: Path, rng: random.Random, before: set[str],
            new: list[str], base_version: int | None) -> None:
+    runs = setup.build_runs if command == "build" else setup.add_runs
+    kill_after = rng.uniform(0, statistics.median(runs))
     args = (["build", setup.build_tree] if command == "build" else ["add", setup.add_tree / STAGES[1]])
     proc = subprocess.Popen([str(FSW_INDEX), *map(str, args), "-g", str(folder), *OPTIONS],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -209,11 +234,12 @@ def _trial(setup: Setup, out: Outcome, command: str, folder: Path, kill_after: f
         if wrong:
             out.failures.append(f"{command} killed at {kill_after:.2f} s: {len(wrong)} answers differ, "
                                 f"first {wrong[0]}")
-    rerun = subprocess.run([str(FSW_INDEX), *map(str, args), "-g", str(folder), *OPTIONS], capture_output=True,
-                           text=True, timeout=600)
-    if rerun.returncode != 0:
-        out.failures.append(f"{command} re-run exited {rerun.returncode}: {rerun.stderr.strip()[-300:]}")
+    duration, status, err = _timed(*args, "-g", folder, *OPTIONS)
+    if status != 0:
+        out.failures.append(f"{command} re-run exited {status}: {err}")
         return
+    if k == 0:
+        runs.append(duration)
     summary = json.loads((folder / layout.SUMMARY_NAME).read_text())
     if summary["photos_indexed"] != len(new) - k:
         out.failures.append(f"{command} re-run encoded {summary['photos_indexed']} photos, {len(new) - k} were missing")
@@ -227,14 +253,16 @@ def _trial(setup: Setup, out: Outcome, command: str, folder: Path, kill_after: f
                             f"verify: {verify_gallery(folder)}")
 
 
-def _record(report, scenario: str, out: Outcome, duration: float) -> None:  # type: ignore[no-untyped-def]
+def _record(report, scenario: str, out: Outcome, runs: list[float]) -> None:  # type: ignore[no-untyped-def]
     where = ", ".join(f"{n} {k}" for k, n in out.landed.most_common())
     ks = ", ".join(f"k={k}: {n}" for k, n in sorted(out.checkpoints.items()))
     report.record(
         scenario, trials=out.trials, jobs_sent=out.sent, jobs_answered=out.answered, wrong_answers=out.wrong,
         recovery_s=out.recovery,
-        notes=(f"uninterrupted run {duration:.1f} s; kills landed: {where}; committed new photos after the kill: "
-               f"{ks}; {len(out.failures)} failures" + (f", first: {out.failures[0]}" if out.failures else "")),
+        notes=(f"{time.monotonic() - out.started:.0f} s; uninterrupted runs to their last commit {min(runs):.1f} to "
+               f"{max(runs):.1f} s (median {statistics.median(runs):.1f}, {len(runs)} runs); "
+               f"kills landed: {where}; new photos committed when the kill came: {ks}; {len(out.failures)} failures"
+               + (f", first: {out.failures[0]}" if out.failures else "")),
     )
 
 
@@ -243,8 +271,8 @@ def test_kill_build_keeps_the_last_checkpoint_and_rerun_completes(setup, tmp_pat
     rng = random.Random(5)
     out = Outcome()
     for trial in range(reliability_trials(20, 3)):
-        _trial(setup, out, "build", tmp_path / f"g{trial}", rng.uniform(0, setup.build_s), set(), setup.order, None)
-    _record(reliability_report, "gallery: SIGKILL fsw-index build", out, setup.build_s)
+        _trial(setup, out, "build", tmp_path / f"g{trial}", rng, set(), setup.order, None)
+    _record(reliability_report, "gallery: SIGKILL fsw-index build", out, setup.build_runs)
     assert not out.failures, "\n".join(out.failures)
 
 
@@ -258,6 +286,6 @@ def test_kill_add_keeps_the_gallery_or_a_checkpoint_and_rerun_completes(setup, t
     for trial in range(reliability_trials(20, 3)):
         folder = tmp_path / f"g{trial}"
         shutil.copytree(setup.base, folder)
-        _trial(setup, out, "add", folder, rng.uniform(0, setup.add_s), before, new, base.version)
-    _record(reliability_report, "gallery: SIGKILL fsw-index add", out, setup.add_s)
+        _trial(setup, out, "add", folder, rng, before, new, base.version)
+    _record(reliability_report, "gallery: SIGKILL fsw-index add", out, setup.add_runs)
     assert not out.failures, "\n".join(out.failures)

@@ -7,7 +7,9 @@ nothing but prepare rows and commit, so a kill almost always lands inside the st
 opening the writer (clean-up of a dead writer's leftovers), writing row files, merging them, writing
 the FAISS index, writing the manifest, deleting old files.
 
-Prints `open` once its writer holds the gallery and `committed <v>` after each commit.
+Prints `phase <what>` before each step of the store's work (by wrapping the store's functions, so that
+the killer knows where each kill landed: the last phase printed), `open` once its writer holds the
+gallery, and `committed <v>` after each commit.
 """
 
 from __future__ import annotations
@@ -67,18 +69,38 @@ def content_hash(pid: str, faces: np.ndarray) -> str:
     return hashlib.sha256(pid.encode() + faces.tobytes()).hexdigest()
 
 
+def _print_phases() -> None:
+    from matcher import layout, store
+
+    def marked(phase: str, fn):  # type: ignore[no-untyped-def]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            print("phase", phase, flush=True)
+            return fn(*args, **kwargs)
+
+        return run
+
+    store._read_file = marked("reading row files (to merge them, or on opening)", store._read_file)
+    store._write_file = marked("writing a row file", store._write_file)
+    store.GalleryWriter._write_index = marked("writing the FAISS index", store.GalleryWriter._write_index)
+    layout.write_manifest = marked("writing the manifest", layout.write_manifest)
+
+
 def main() -> None:
     from matcher.encoder import Face
     from matcher.store import GalleryWriter, PendingPhoto
+
+    _print_phases()
 
     ap = argparse.ArgumentParser()
     ap.add_argument("gallery", type=Path)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--commits", type=int, default=10**9)
     args = ap.parse_args()
+    print("phase opening the gallery (clean-up of leftovers)", flush=True)
     with GalleryWriter(args.gallery, SETTINGS, args.gallery.parent, command="writer_loop", create=True) as w:
         print("open", flush=True)
         for _ in range(args.commits):
+            print("phase preparing rows (in memory)", flush=True)
             v = w.manifest.version + 1
             c = changes_at(v, args.batch)
             w.remove(c.removed)
