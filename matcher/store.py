@@ -40,15 +40,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import h5py
 import numpy as np
 
 from matcher import layout
-from matcher.encoder import Face
 from matcher.errors import GalleryError, SettingsMismatchError
+
+if TYPE_CHECKING:  # readers (Gallery, verify) need not load dlib
+    from matcher.encoder import Face
 
 _STR = h5py.string_dtype("utf-8")
 PHOTO_COLUMNS: dict[str, Any] = {
