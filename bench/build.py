@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -65,10 +66,12 @@ def build(tree: Path, engine: str, jobs: int, window: int) -> dict[str, object]:
             marks.append((time.perf_counter(), p.done))
 
     with tempfile.TemporaryDirectory(prefix="fsw-bench-build-") as tmp:
+        cpu = _cpu_seconds()
         t = time.perf_counter()
         summary = index_photos(Path(tmp) / "g", [tree], EncoderSettings(engine=engine), photo_root=tree,  # type: ignore[arg-type]
                                jobs=jobs, command="build", on_progress=progress)
         seconds = time.perf_counter() - t
+        cpu = _cpu_seconds() - cpu
     rates = [window / (b[0] - a[0]) for a, b in zip([(t, 0), *marks], marks, strict=False)]
     return {
         "engine": engine,
@@ -78,9 +81,16 @@ def build(tree: Path, engine: str, jobs: int, window: int) -> dict[str, object]:
         "seconds": round(seconds, 3),
         "photos_per_s": round(summary.photos_indexed / seconds, 3),
         "faces_per_s": round(summary.faces / seconds, 3),
+        "cpu_s": round(cpu, 3),  # this process and its finished children: robust to other load, unlike wall time
         "window_photos_per_s": rate_stats(rates),
         "skipped": len(summary.skipped),
     }
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have exited (the pool's, after a build)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def rate_stats(rates: list[float]) -> dict[str, float]:
@@ -120,6 +130,7 @@ class RawLoop:
         parts.update({f"descriptor_{k}": [] for k in self.describe})
         faces = 0
         results = []
+        cpu = time.process_time()
         for path in paths:
             t0 = time.perf_counter()
             with Image.open(path) as im:
@@ -139,10 +150,11 @@ class RawLoop:
                 parts[f"descriptor_{name}"].append(time.perf_counter() - t)
             faces += len(chips)
             results.append((path, rects, np.asarray(out, dtype=np.float32).reshape(-1, 128)))
+        cpu = time.process_time() - cpu
         totals = {k: round(float(np.sum(v)), 4) for k, v in parts.items()}
         per_photo_ms = {k: round(float(np.mean(v)) * 1000, 3) for k, v in parts.items()}
         return {"photos": len(paths), "faces": faces, "seconds": totals, "per_photo_ms": per_photo_ms,
-                "_results": results}
+                "cpu_s": round(cpu, 3), "_results": results}
 
     def _detect(self, rgb: np.ndarray) -> list[dlib.rectangle]:
         h, w = rgb.shape[:2]

@@ -2,8 +2,7 @@
 
 - The detection grid: detection size x upsample count, each photo's HOG time and the faces found,
   against the number of people `labels.csv` lists for the photo (so the default comes from numbers).
-  A combination whose effective size (side x 2**upsample) passes `sweep_max_effective` is skipped: it
-  costs seconds a photo and finds nothing the smaller ones miss on photos of at most 1600 px.
+  The combinations are `Config.grid`; "full size" is 1600 here, since the dev photos are at most 1600 px.
 - Descriptor engines: ms per face for dlib and ONNX Runtime at batch 1 (one call per face) and 16.
 """
 
@@ -91,35 +90,32 @@ def detection_grid(config: Config, encoder: Encoder) -> list[dict[str, object]]:
     photos = [(item, load_image(item.path)) for item in gallery_photos()[: config.dev_photos]]
     expected_total = sum(item.expected_faces for item, _ in photos)
     rows = []
-    for side in config.sweep_sizes:
-        for upsample in config.sweep_upsamples:
-            if side * 2**upsample > config.sweep_max_effective:
-                continue
-            detect_s, describe_s, found, exact, missed, extra = [], [], 0, 0, 0, 0
-            for item, image in photos:
-                st, rects = timed(lambda i=image, s=side, u=upsample: encoder.detect(i, s, u), 1, warmup=0)
-                detect_s.append(st["median_ms"] / 1000)
-                st, _ = timed(lambda i=image, r=rects: encoder.describe(i, r), 1, warmup=0)
-                describe_s.append(st["median_ms"] / 1000)
-                n, want = len(rects), item.expected_faces
-                found += n
-                exact += n == want
-                missed += max(0, want - n)
-                extra += max(0, n - want)
-            total = np.asarray(detect_s) + np.asarray(describe_s)
-            rows.append({
-                "max_side": side,
-                "upsample": upsample,
-                "photos": len(photos),
-                "detect_per_photo": stats(detect_s),
-                "photo_per_photo": stats(list(total)),  # detect + landmarks, chip and ONNX descriptor
-                "mean_ms_per_photo": round(float(total.mean()) * 1000, 2),
-                "faces_found": found,
-                "faces_expected": expected_total,
-                "faces_missed": missed,
-                "faces_extra": extra,
-                "photos_exact": exact,
-            })
+    for side, upsample in config.grid:
+        detect_s, describe_s, found, exact, missed, extra = [], [], 0, 0, 0, 0
+        for item, image in photos:
+            st, rects = timed(lambda i=image, s=side, u=upsample: encoder.detect(i, s, u), 1, warmup=0)
+            detect_s.append(st["median_ms"] / 1000)
+            st, _ = timed(lambda i=image, r=rects: encoder.describe(i, r), 1, warmup=0)
+            describe_s.append(st["median_ms"] / 1000)
+            n, want = len(rects), item.expected_faces
+            found += n
+            exact += n == want
+            missed += max(0, want - n)
+            extra += max(0, n - want)
+        total = np.asarray(detect_s) + np.asarray(describe_s)
+        rows.append({
+            "max_side": side,
+            "upsample": upsample,
+            "photos": len(photos),
+            "detect_per_photo": stats(detect_s),
+            "photo_per_photo": stats(list(total)),  # detect + landmarks, chip and ONNX descriptor
+            "mean_ms_per_photo": round(float(total.mean()) * 1000, 2),
+            "faces_found": found,
+            "faces_expected": expected_total,
+            "faces_missed": missed,
+            "faces_extra": extra,
+            "photos_exact": exact,
+        })
     return rows
 
 

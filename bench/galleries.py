@@ -5,8 +5,10 @@ photos (encoded by fsw) plus synthetic 128-d descriptors written through `matche
 exactly as `fsw-index` writes real ones. The synthetic descriptors are drawn to resemble real ones:
 Gaussian with the mean and covariance of the real descriptors (gallery and query faces; the covariance
 is shrunk towards its average variance because there are fewer faces than dimensions), then each is
-rescaled to a norm drawn from the real norms' normal fit. A draw within `MARGIN` of any query face is
-redrawn, so no synthetic face can match a selfie and every result stays a real photo.
+rescaled to a norm drawn from the real norms' normal fit. A draw within `MARGIN` of any descriptor a
+query's job could search with (the selfie's own, as `matcher.query.selfie_descriptor` gives it, and its
+means with the gallery faces it matches, which query expansion may use) is redrawn, so no synthetic face
+can match a selfie and every result stays a real photo.
 
 Galleries are cached under `FSW_BENCH_CACHE` (default /tmp/fsw-bench-cache), keyed by the real
 descriptors and the generator's version; a smaller gallery's synthetic faces are a prefix of a larger one's.
@@ -15,6 +17,7 @@ descriptors and the generator's version; a smaller gallery's synthetic faces are
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -25,14 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import CACHE, Labelled, gallery_photos, labels, log
+from bench.common import CACHE, ROOT, Labelled, gallery_photos, labels, log
 from matcher import layout
 from matcher.encoder import Encoder, EncoderSettings, Face
 from matcher.images import load_image
+from matcher.query import selfie_descriptor
 from matcher.store import GalleryWriter, PendingPhoto
 
 GENERATOR_VERSION = 3
 MARGIN = 0.55  # above the 0.5 match distance, with room for float32 rounding
+EXPANSION_FACES = 6  # a query's closest gallery faces whose averages with it are kept clear of
 FACES_PER_PHOTO = 4
 SHRINK = 0.1
 _SEED = 20241129
@@ -44,7 +49,8 @@ class RealFaces:
     """The dev set encoded by fsw: gallery photos with their faces, and the query selfies' descriptors."""
 
     photos: list[tuple[Labelled, str, list[Face]]]  # (label, sha256, faces)
-    queries: dict[str, np.ndarray]  # query file -> selfie descriptor
+    queries: dict[str, np.ndarray]  # query file -> the descriptor a job searches with (`selfie_descriptor`)
+    avoid: np.ndarray  # every descriptor a job for a query might search with: no synthetic face goes near them
 
     @property
     def gallery_descriptors(self) -> np.ndarray:
@@ -62,14 +68,16 @@ class RealFaces:
         h = hashlib.sha256(f"v{GENERATOR_VERSION}:{FACES_PER_PHOTO}:{MARGIN}:{SHRINK}".encode())
         h.update(json.dumps(EncoderSettings().recorded(), sort_keys=True).encode())
         h.update(np.round(self.gallery_descriptors, 4).tobytes())
-        h.update(np.round(self.query_descriptors, 4).tobytes())
+        h.update(np.round(self.avoid, 4).tobytes())
         return h.hexdigest()[:12]
 
 
 def encode_real(encoder: Encoder | None = None) -> RealFaces:
     """The dev set's faces with the default settings; cached by the photos' content and the settings."""
     items = labels()
-    h = hashlib.sha256(json.dumps(EncoderSettings().recorded(), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(EncoderSettings().as_dict(), sort_keys=True).encode())
+    for source in sorted((ROOT / "matcher").glob("*.py")):  # the selfie's path may change with the code
+        h.update(source.read_bytes())
     for item in items:
         h.update(f"{item.file}:{item.split}:".encode() + hashlib.sha256(item.path.read_bytes()).digest())
     cached = CACHE / f"real-faces-{h.hexdigest()[:12]}.pkl"
@@ -92,15 +100,25 @@ def _encode_real(encoder: Encoder) -> RealFaces:
     for item in gallery_photos():
         faces = encoder.faces(load_image(item.path))
         photos.append((item, hashlib.sha256(item.path.read_bytes()).hexdigest(), faces))
-    queries = {}
+    gallery = np.stack([f.descriptor for _, _, faces in photos for f in faces])
+    queries, avoid = {}, []
     for item in labels():
         if item.split != "query":
             continue
+        image = load_image(item.path)
         try:
-            queries[item.file] = encoder.selfie(load_image(item.path)).descriptor
+            plain = encoder.selfie(image).descriptor
         except NoFaceError:
             continue
-    return RealFaces(photos, queries)
+        used = selfie_descriptor(encoder, image)
+        queries[item.file] = used
+        avoid += [plain, used]
+        # query expansion averages the selfie with gallery faces it matched: keep clear of every such mean
+        d = np.linalg.norm(gallery - used, axis=1)
+        near = gallery[np.argsort(d)[: min(EXPANSION_FACES, int((d < 0.5).sum()))]]
+        for k in range(1, len(near) + 1):
+            avoid += [np.mean([used, *subset], axis=0) for subset in itertools.combinations(near, k)]
+    return RealFaces(photos, queries, np.stack(avoid).astype(np.float32))
 
 
 @dataclass
@@ -161,15 +179,16 @@ def describe_synthetic(real: RealFaces, synthetic: np.ndarray, redrawn: int) -> 
     return {
         "method": "Gaussian with the real descriptors' mean and covariance (shrunk 10% towards the mean "
         "variance), each rescaled to a norm drawn from the real norms' normal fit; draws within "
-        f"{MARGIN} of any query face redrawn",
+        f"{MARGIN} of a descriptor a query could search with are redrawn",
         "real_faces_fitted": int(len(g) + len(real.queries)),
         "real_norm_mean": round(float(np.linalg.norm(g, axis=1).mean()), 4),
         "synthetic_norm_mean": round(float(np.linalg.norm(sample, axis=1).mean()), 4),
         "real_pairwise_distance_median": round(pairwise_median(g), 4),
         "synthetic_pairwise_distance_median": round(pairwise_median(sample), 4),
         "synthetic_to_real_gallery_distance_min": round(float(_min_distance(sample, g).min()), 4),
-        "synthetic_to_queries_distance_min": round(float(_min_distance(synthetic[:200_000], real.query_descriptors)
-                                                      .min()), 4),
+        "synthetic_to_queries_distance_min": round(float(_min_distance(synthetic, real.query_descriptors).min()), 4),
+        "kept_clear_of": f"{len(real.avoid)} descriptors: each query's selfie descriptor, with and without the "
+        "current selfie path's refinements, and its means with up to 6 of the gallery faces it matches",
         "redrawn": redrawn,
     }
 
@@ -189,7 +208,7 @@ class Galleries:
         if self._synthetic is None:
             model = SyntheticModel.fit(np.concatenate([self.real.gallery_descriptors, self.real.query_descriptors]))
             n = max(self._largest - self.real.face_count, 0)
-            self._synthetic, self.redrawn = model.draw(n, self.real.query_descriptors)
+            self._synthetic, self.redrawn = model.draw(n, self.real.avoid)
         return self._synthetic
 
     def path(self, faces: int) -> Path:

@@ -2,8 +2,9 @@
 
 Three ways to answer the same job:
 - fsw: `matcher.query.search_selfie` on a loaded gallery (one selfie encode, one vector search);
-- numpy: the same selfie encode, then every precomputed descriptor compared by hand with
-  `np.linalg.norm(vectors - q, axis=1)`, as a user would write it (and as DeepFace's `find` does);
+- numpy: the same selfie descriptor (`matcher.query.selfie_descriptor`), then every precomputed
+  descriptor compared by hand with `np.linalg.norm(vectors - q, axis=1)`, as a user would write it (and
+  as DeepFace's `find` does), with no further refinement of the query;
 - the old way: the replaced worker, which detected and encoded every photo of the stage for every job
   with face_recognition (4 jitters, the 68-point 'large' model) and compared the selfie against each.
 """
@@ -21,8 +22,7 @@ import numpy as np
 from bench.common import decode_data_url, timed
 from matcher.encoder import Encoder
 from matcher.gallery import Gallery
-from matcher.images import load_image
-from matcher.query import SELFIE_MAX_PIXELS, search_selfie
+from matcher.query import search_selfie, selfie_descriptor
 from matcher.search import DEFAULT_THRESHOLD, best_per_photo
 
 OLD_JITTERS = 4
@@ -47,8 +47,7 @@ class NumpyScan:
         self.gallery = gallery
 
     def job(self, encoder: Encoder, payload: dict[str, object]) -> str:
-        image = load_image(decode_data_url(str(payload["image"])), max_pixels=SELFIE_MAX_PIXELS)
-        q = encoder.selfie(image).descriptor
+        q = selfie_descriptor(encoder, decode_data_url(str(payload["image"])))
         d = np.linalg.norm(self.vectors - q, axis=1)
         rows = np.flatnonzero(d < 1.0 - DEFAULT_THRESHOLD)
         g = self.gallery

@@ -52,6 +52,7 @@ def draw(results: dict[str, Any], path: Path) -> None:
     search = results.get("search", {}).get("sizes", {})
     if search:
         for key, label, style in (("fsw", "fsw Gallery.search", "o-"), ("faiss_range", "FAISS flat range search", "s-"),
+                                  ("faiss_split_threads", "FAISS, rows split over the cores", "x-"),
                                   ("numpy_matmul", "numpy matmul, precomputed norms", "^-")):
             _line(search_ax, {k: v[key] for k, v in search.items()}, label, style)
         xs = sorted(search, key=int)

@@ -71,10 +71,10 @@ def test_search_alone_is_compared_with_the_bandwidth_floor(quick_run):
     search = quick_run[0]["search"]
     assert search["bandwidth"]["gb_per_s"] > 0
     for row in search["sizes"].values():
-        for method in ("fsw", "faiss_range", "numpy_matmul"):
+        for method in ("fsw", "faiss_range", "faiss_split_threads", "numpy_matmul"):
             _timing(row[method])
         assert row["floor_ms"] > 0
-        assert row["faces_found"]["faiss"] == row["faces_found"]["numpy"]
+        assert row["faces_found"]["faiss"] == row["faces_found"]["faiss_split"] == row["faces_found"]["numpy"]
 
 
 def test_build_old_way_memory_and_encoder_sections_have_their_figures(quick_run):
