@@ -100,7 +100,7 @@ def main() -> None:
     with GalleryWriter(args.gallery, SETTINGS, args.gallery.parent, command="writer_loop", create=True) as w:
         print("open", flush=True)
         for _ in range(args.commits):
-            print("phase preparing rows (in memory)", flush=True)
+            print("phase preparing rows in memory (the loop's, then the commit's)", flush=True)
             v = w.manifest.version + 1
             c = changes_at(v, args.batch)
             w.remove(c.removed)
