@@ -11,13 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _line(ax: Any, by_size: dict[str, dict[str, float]], label: str, style: str) -> None:
+def _line(ax: Any, by_size: dict[str, dict[str, float]], label: str, style: str, color: str | None = None) -> None:
     xs = sorted(by_size, key=int)
     x = [int(s) for s in xs]
     y = [by_size[s]["median_ms"] for s in xs]
     lo = [by_size[s]["median_ms"] - by_size[s]["p25_ms"] for s in xs]
     hi = [by_size[s]["p75_ms"] - by_size[s]["median_ms"] for s in xs]
-    ax.errorbar(x, y, yerr=[lo, hi], fmt=style, label=label, capsize=3, markersize=5)
+    ax.errorbar(x, y, yerr=[lo, hi], fmt=style, label=label, capsize=3, markersize=5, color=color)
 
 
 def draw(results: dict[str, Any], path: Path) -> None:
@@ -25,12 +25,14 @@ def draw(results: dict[str, Any], path: Path) -> None:
     jobs = results.get("jobs", {})
     names = {"onnx": "fsw (matcher, ONNX engine)", "dlib": "fsw (matcher, dlib engine)"}
     for engine, by_size in jobs.get("fsw", {}).items():
-        _line(jobs_ax, by_size, names.get(engine, engine), "o-" if engine == "onnx" else "s-")
+        _line(jobs_ax, by_size, names.get(engine, engine), "o-" if engine == "onnx" else "s-",
+              "tab:blue" if engine == "onnx" else "tab:orange")
     worker = results.get("worker", {})
     if worker.get("sizes"):
-        _line(jobs_ax, {k: v["latency"] for k, v in worker["sizes"].items()}, "fsw-worker via Redis (ONNX)", "D-")
+        _line(jobs_ax, {k: v["latency"] for k, v in worker["sizes"].items()}, "fsw-worker via Redis (ONNX)", "D-",
+              "tab:green")
     if jobs.get("numpy"):
-        _line(jobs_ax, jobs["numpy"], "numpy exhaustive (same descriptors)", "^-")
+        _line(jobs_ax, jobs["numpy"], "numpy exhaustive (same descriptors)", "^-", "tab:purple")
     old = results.get("old_way", {})
     if old.get("measured"):
         per_photo = _faces_per_photo(results)
@@ -54,7 +56,8 @@ def draw(results: dict[str, Any], path: Path) -> None:
         for key, label, style in (("fsw", "fsw Gallery.search", "o-"), ("faiss_range", "FAISS flat range search", "s-"),
                                   ("faiss_split_threads", "FAISS, rows split over the cores", "x-"),
                                   ("numpy_matmul", "numpy matmul, precomputed norms", "^-")):
-            _line(search_ax, {k: v[key] for k, v in search.items()}, label, style)
+            if all(key in v for v in search.values()):
+                _line(search_ax, {k: v[key] for k, v in search.items()}, label, style)
         xs = sorted(search, key=int)
         search_ax.plot([int(s) for s in xs], [search[s]["floor_ms"] for s in xs], "k--",
                        label="memory-bandwidth floor")
