@@ -25,6 +25,8 @@ PROGRESS = {"decoded": 25, "face_found": 50, "encoded": 75, "searched": 100}
 # low enough that a runaway upload is refused before it is decoded.
 MAX_IMAGE_CHARS = 20 * 1024 * 1024
 # The matching rule's bounds (matcher.search holds the same numbers; a test keeps them equal).
+# A stage is a folder path; far longer than any real one, and short enough that a message may quote it.
+MAX_STAGE_CHARS = 1024
 DEFAULT_THRESHOLD = 0.5
 MIN_THRESHOLD, MAX_THRESHOLD = 0.2, 0.9
 
@@ -44,7 +46,8 @@ def stage_problem(stage: str) -> str | None:
     """Why `stage` cannot name a folder inside the gallery, or None when its shape is fine."""
     parts = stage.strip("/").split("/")
     if stage.startswith("/") or "\\" in stage or "\x00" in stage or any(p in (".", "..") for p in parts):
-        return f"stage {stage!r} must be a folder inside the gallery, like 'Day-1/Morning'"
+        shown = repr(stage) if len(stage) <= 80 else f"{stage[:60]!r}... ({len(stage)} characters)"
+        return f"stage {shown} must be a folder inside the gallery, like 'Day-1/Morning'"
     return None
 
 
@@ -61,6 +64,7 @@ class FaceSearchJob(BaseModel):
     uid: str | int | None = Field(None, description="The portal's user id (e.g. an email); not used in the search.")
     stage: Annotated[str, Field(json_schema_extra={"pattern": STAGE_PATTERN})] = Field(
         "",
+        max_length=MAX_STAGE_CHARS,
         description="Folder of the photo tree to search, relative to its root, e.g. 'Day-1/Morning'; "
         "'' searches the whole gallery. '..' and absolute paths are refused.",
     )
@@ -101,6 +105,11 @@ class FaceSearchJob(BaseModel):
             return ""
         if not isinstance(value, str):
             raise ValueError(f"must be text, a folder like 'Day-1/Morning', not {_json_type(value)}")
+        if len(value) > MAX_STAGE_CHARS:
+            raise ValueError(
+                f"is too long: {len(value)} characters, over the limit of {MAX_STAGE_CHARS}: "
+                "name a folder of the photo tree, like 'Day-1/Morning'"
+            )
         problem = stage_problem(value.strip())
         if problem:
             raise ValueError(problem)
