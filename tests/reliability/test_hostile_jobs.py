@@ -127,7 +127,7 @@ def case_strategy(images: dict[str, bytes]) -> st.SearchStrategy[Case]:
         st.sampled_from(["/etc", "../..", "Day-1/../../etc", "Day-1/\x00", "\\\\server\\share"]).map(
             lambda s: Case("escaping stage", {"image": good, "stage": s}, True)),
         junk.map(lambda v: Case("stage of a wrong type", {"image": good, "stage": v}, v is not None)),
-        st.one_of(junk, st.floats(), st.text(max_size=5)).map(
+        st.one_of(junk, st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=5)).map(
             lambda v: Case("bad threshold", {"image": good, "threshold": v}, False)),
         st.one_of(junk, st.integers(-5, 0)).map(lambda v: Case("bad limit", {"image": good, "limit": v}, False)),
         corrupted,
