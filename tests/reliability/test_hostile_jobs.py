@@ -87,7 +87,7 @@ def _webp_bomb(width: int, height: int) -> bytes:
 
 def case_strategy(images: dict[str, bytes]) -> st.SearchStrategy[Case]:
     good = _url(images["jpeg"])
-    junk = st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(),
+    junk = st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.none(),
                      st.lists(st.integers(), max_size=3),
                      st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
     stage_parts = st.sampled_from(["..", ".", "", "Day-1", "Morning", "Day-2", "Evening", "é", "日本", "\x00", "a\\b",
