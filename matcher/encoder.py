@@ -30,6 +30,8 @@ class EncoderSettings:
 
     The fields in `recorded()` shape the descriptors and are stored in a gallery; `add` refuses other
     values. `engine`, `threads` and the selfie fields are per process and may differ freely.
+    `selfie_mirror` and `selfie_expansion` are applied by `matcher.query` (the selfie's mirror view averaged
+    in; query expansion, see `matcher.expansion`); the README's "Accuracy" section gives their measured worth.
     """
 
     detector: Literal["hog", "cnn"] = "hog"
@@ -40,6 +42,8 @@ class EncoderSettings:
     threads: int | None = None
     selfie_max_side: int = 640
     selfie_jitters: int = 1
+    selfie_mirror: bool = True
+    selfie_expansion: bool = True
 
     def __post_init__(self) -> None:
         if self.detector not in ("hog", "cnn"):
