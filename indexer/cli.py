@@ -257,5 +257,58 @@ def verify(gallery: Path) -> None:
         sys.exit(1)
     click.echo(verdict.summary())
 
+
+@main.command("eval")
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--gallery", "-g", type=click.Path(file_okay=False, path_type=Path),
+              help="Reuse this gallery, or build the labelled photos into it and keep it [default: a temporary one].")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default="fsw-eval", show_default=True,
+              help="Folder for eval.json and eval.png.")
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+              help="The threshold marked as the default (0.30 to 0.70 in steps of 0.05 are always measured).")
+@click.option("--selfie-jitters", type=click.IntRange(1, 100), help="Jittered copies averaged per selfie [default: 1].")
+@click.option("--mirror/--no-mirror", default=None, help="Average in the selfie's mirror view [default: on].")
+@click.option("--expansion/--no-expansion", default=None, help="Query expansion [default: on].")
+@_encoder_options
+@_errors
+def eval_(labels: Path, gallery: Path | None, out: Path, threshold: float, selfie_jitters: int | None,
+          mirror: bool | None, expansion: bool | None, jobs: int | None, checkpoint_s: float, **encoder: Any) -> None:
+    """Measure recall and wrong photos on a labelled set (CSV: file,identity,split) at each threshold.
+
+    Indexes the labelled gallery photos in place (or uses --gallery), runs every query as a worker job
+    would, prints a table and writes eval.json and eval.png to --out. See the README's "Accuracy".
+
+    \b
+        fsw-index eval ../shared/faces/labels.csv --out eval-results
+    """
+    from indexer.evaluate import evaluate
+
+    per_process = {"selfie_jitters": selfie_jitters, "selfie_mirror": mirror, "selfie_expansion": expansion}
+    settings = _settings({**encoder, **per_process}, recorded=_recorded_if_gallery(gallery) if gallery else None)
+    line = ProgressLine()
+    try:
+        report = evaluate(labels, gallery, settings, default_threshold=threshold, jobs=jobs, on_progress=line)
+    finally:
+        line.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(report.to_json())
+    s = report.settings
+    click.echo(f"{report.labels}: gallery {report.gallery}; selfie jitters {s['selfie_jitters']}, mirror "
+               f"{'on' if s['selfie_mirror'] else 'off'}, expansion {'on' if s['selfie_expansion'] else 'off'}; "
+               f"encode {report.timing_ms['selfie_encode_median']} ms, search {report.timing_ms['search_median']} ms "
+               "(medians per query)")
+    click.echo(report.table())
+    checks = report.gallery_checks
+    click.echo(f"gallery: {checks['faces_found']} faces found, {checks['faces_labelled']} labelled; "
+               f"false faces in faceless photos: {len(checks['false_faces_in_faceless_photos'])}; photos with "
+               f"fewer faces than labelled: {len(checks['photos_with_fewer_faces_than_labelled'])}")
+    try:
+        report.plot(out / "eval.png")
+    except ImportError:
+        click.echo("matplotlib is not installed: no eval.png (pip install matplotlib)", err=True)
+    else:
+        click.echo(f"written: {out / 'eval.json'}, {out / 'eval.png'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name=os.path.basename(sys.argv[0]))
