@@ -98,8 +98,11 @@ def meta(config: Config) -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
+        # what was measured is the working tree: name the code files that differ from the commit
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "matcher", "indexer", "worker", "schemas"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.splitlines()
     except OSError:
-        commit = ""
+        commit, dirty = "", []
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -115,6 +118,7 @@ def meta(config: Config) -> dict[str, Any]:
                     "python": platform.python_version(), "numpy": numpy.__version__, "faiss": faiss.__version__,
                     "onnxruntime": onnxruntime.__version__, "dlib": dlib.__version__},
         "git_commit": commit,
+        "uncommitted_code": [line.strip() for line in dirty],
         "encoder_settings": EncoderSettings().as_dict(),
         "query": QUERY,
         "engines": list(config.engines),
