@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from matcher.errors import GalleryError
 from matcher.gallery import Gallery
+from matcher.query import search_selfie
 from worker.engine import WorkerEngine, is_cuda_oom, make_worker_engine
 from worker.jobs import EncoderPool, SearchJobs
 from worker.reload import GalleryReloader
@@ -102,6 +103,19 @@ def test_known_person_gets_their_photos_best_first_with_progress_in_order(
     assert sims == sorted(sims, reverse=True) and min(sims) > 0.5
     assert all(len(entry["box"]) == 4 for entry in result)
     assert job.progress == [25, 50, 75, 100]
+
+
+def test_a_job_answers_exactly_what_fsw_index_search_answers(
+    built_gallery: Path, executor: ThreadPoolExecutor, encoders: EncoderPool, redis_url: str,
+    labels: list[Labelled], encoder: Any,
+) -> None:
+    gallery = Gallery.open(built_gallery)
+    for person in ("obama", "leonard", "penny", "kit_harington"):
+        _, result = run_job(built_gallery, executor, encoders, redis_url, selfie_job(query(labels, person)))
+        expected = [m.to_dict() for m in search_selfie(gallery, encoder, query(labels, person))]
+        assert [(e["id"], round(e["similarity"], 6)) for e in result] == [
+            (e["id"], round(float(e["similarity"]), 6)) for e in expected  # type: ignore[arg-type]
+        ], person
 
 
 def test_stage_covers_only_its_folder(

@@ -29,7 +29,7 @@ from matcher.encoder import Encoder, EncoderSettings
 from matcher.errors import FswError, ImageError
 from matcher.gallery import Gallery
 from matcher.images import load_image
-from matcher.query import SELFIE_MAX_PIXELS, selfie_descriptor
+from matcher.query import SELFIE_MAX_PIXELS, search_descriptor, selfie_descriptor
 from matcher.search import Match
 from schemas import EXCLUDED_SET, PROGRESS, FaceSearchJob, JobDataError, MatchEntry, SearchResult, parse_job
 from worker.engine import WorkerEngine, make_worker_engine
@@ -37,6 +37,8 @@ from worker.reload import GalleryReloader
 from worker.stats import WorkerStats
 
 log = logging.getLogger("fsw.worker")
+
+_EXPAND = EncoderSettings().selfie_expansion
 
 # HOG finds faces down to about 40 px with the selfie's upsampling; a smaller picture cannot hold one.
 MIN_SELFIE_SIDE = 40
@@ -190,7 +192,8 @@ def _decode(request: FaceSearchJob) -> np.ndarray:
 
 def _search(gallery: Gallery, descriptor: np.ndarray, stage: str, threshold: float) -> tuple[list[Match], float]:
     started = time.perf_counter()
-    matches = gallery.search(descriptor, stage, threshold)
+    # the same search as `fsw-index search`, query expansion included; excluded ids are filtered after
+    matches = search_descriptor(gallery, descriptor, stage, threshold, expand=_EXPAND)
     return matches, (time.perf_counter() - started) * 1000
 
 
