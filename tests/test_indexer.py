@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from matcher.gallery import Gallery
 from matcher.query import search_selfie
 from matcher.store import GalleryWriter
 
-from conftest import STAGES, PhotoTree, lay_out
+from conftest import STAGES, PhotoTree
 from images_util import sideways_with_exif, write_bad_files
 
 BIN = Path(sys.executable).parent
@@ -190,36 +187,4 @@ def test_second_writer_is_refused_with_the_holders_pid(built_gallery, photo_tree
     assert f"gallery at {g} is locked by pid {os.getpid()} (fsw-index add)" in p.stderr
 
 
-def _answers(gallery: Path, tree: PhotoTree, encoder) -> dict[str, list[tuple[str, float]]]:  # type: ignore[no-untyped-def]
-    g = Gallery.open(gallery)
-    return {
-        q.file: [(m.id, round(m.similarity, 6)) for m in search_selfie(g, encoder, q.path)]
-        for q in known_queries(tree)[:6]
-    }
-
-
-def test_kill_during_build_keeps_the_last_version_and_rerun_completes(labels, built_gallery, photo_tree, tmp_path,
-                                                                       encoder):
-    tree = lay_out(labels, tmp_path / "photos")
-    g = tmp_path / "g"
-    rng = random.Random(11)
-    versions = []
-    for _ in range(4):
-        proc = subprocess.Popen([BIN / "fsw-index", "build", tree.root, "-g", g, "--jobs", "1", "--checkpoint-s", "0"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.5, 4.0))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if not layout.is_gallery(g):
-            continue
-        gallery = Gallery.open(g)  # the last committed version loads and answers
-        versions.append(gallery.version)
-        assert gallery.photo_count <= len(tree.people)
-        full = _answers(built_gallery, photo_tree, encoder)
-        for qfile, answer in _answers(g, tree, encoder).items():
-            assert set(answer) <= set(full[qfile])
-    assert versions and versions == sorted(versions)
-    fsw_index("build", tree.root, "-g", g, "--jobs", "1")
-    summary = json.loads((g / layout.SUMMARY_NAME).read_text())
-    assert summary["photos_already_indexed"] > 0, "the re-run encoded everything again"
-    assert _answers(g, tree, encoder) == _answers(built_gallery, photo_tree, encoder)
+# Killing build or add at any moment: tests/reliability/test_index_kill.py (SIGKILL at random points).
