@@ -19,7 +19,7 @@ from .worker_harness import PersistentRedis, active_ids, add_jobs, answer_key, w
 from conftest import WorkerProcess, selfie_job, start_worker
 
 QUEUE = "rel-redis-restart"
-PASSWORD = "fsw-reliability-secret"
+PASSWORD = "fsw-reliability-test-secret"
 
 
 def test_workers_reconnect_and_answer_after_redis_restarts(
