@@ -107,6 +107,23 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[dict[st
     return stats(times), result
 
 
+def timed_together(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+                   ) -> dict[str, tuple[dict[str, float | int], Any]]:
+    """`timed` for several methods, their runs interleaved (a, b, c, a, b, c, ...), so that a change in
+    the machine's other load during the measurement weighs on each method alike and their ratios hold."""
+    results: dict[str, Any] = {}
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            results[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: (stats(times[name]), results.get(name)) for name in fns}
+
+
 def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 

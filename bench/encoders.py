@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.common import Config, gallery_photos, stats, timed
+from bench.common import Config, gallery_photos, stats, timed, timed_together
 from matcher.encoder import Encoder, EncoderSettings
 from matcher.engines import DlibEngine
 from matcher.images import load_image
@@ -34,11 +34,15 @@ def chips(encoder: Encoder, n: int = 16) -> list[np.ndarray]:
 def descriptor_engines(encoder: Encoder, repeats: int, warmup: int) -> dict[str, object]:
     batch = chips(encoder, 16)
     engines = {"dlib": DlibEngine(), "onnx": OnnxEngine(), "onnx_1_thread": OnnxEngine(threads=1)}
-    out: dict[str, object] = {}
+    methods = {}
     for name, engine in engines.items():
-        one, _ = timed(lambda e=engine: [e.describe([c]) for c in batch], repeats, warmup)
-        many, _ = timed(lambda e=engine: e.describe(batch), repeats, warmup)
-        out[name] = {"batch_1_ms_per_face": _per_face(one, len(batch)), "batch_16_ms_per_face": _per_face(many, 16)}
+        methods[(name, 1)] = lambda e=engine: [e.describe([c]) for c in batch]
+        methods[(name, 16)] = lambda e=engine: e.describe(batch)
+    runs = timed_together(methods, repeats, warmup)  # type: ignore[arg-type]
+    out: dict[str, object] = {}
+    for name in engines:
+        out[name] = {"batch_1_ms_per_face": _per_face(runs[(name, 1)][0], len(batch)),  # type: ignore[index]
+                     "batch_16_ms_per_face": _per_face(runs[(name, 16)][0], len(batch))}  # type: ignore[index]
     dlib_ = out["dlib"]
     onnx_ = out["onnx"]
     assert isinstance(dlib_, dict) and isinstance(onnx_, dict)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import faiss
 import numpy as np
 
-from bench.common import stats, timed
+from bench.common import stats, timed, timed_together
 from matcher.encoder import cores
 from matcher.gallery import Gallery
 from matcher.search import DEFAULT_THRESHOLD, radius_for
@@ -75,11 +75,15 @@ def measure_search(gallery: Gallery, q: np.ndarray, repeats: int, bandwidth_gb_s
     q = np.ascontiguousarray(q, dtype=np.float32)
     scan = MatmulScan(gallery.vectors)
     split = SplitRange(gallery.vectors, cores())
-    split_st, rows_split = timed(lambda: split.search(q), repeats, warmup=2)
+    runs = timed_together({
+        "fsw": lambda: gallery.search(q, "", DEFAULT_THRESHOLD),
+        "faiss": lambda: faiss_range(gallery, q),
+        "split": lambda: split.search(q),
+        "numpy": lambda: scan.search(q),
+    }, repeats, warmup=2)
     split.close()
-    faiss_st, rows_faiss = timed(lambda: faiss_range(gallery, q), repeats, warmup=2)
-    numpy_st, rows_numpy = timed(lambda: scan.search(q), repeats, warmup=2)
-    fsw_st, matches = timed(lambda: gallery.search(q, "", DEFAULT_THRESHOLD), repeats, warmup=2)
+    (fsw_st, matches), (faiss_st, rows_faiss) = runs["fsw"], runs["faiss"]
+    (split_st, rows_split), (numpy_st, rows_numpy) = runs["split"], runs["numpy"]
     nbytes = gallery.index.ntotal * gallery.index.d * 4
     floor_ms = nbytes / (bandwidth_gb_s * 1e9) * 1000
     return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from bench import encoders, worker_jobs
 from bench import jobs as jobs_mod
 from bench import memory as memory_mod
 from bench import search as search_mod
-from bench.common import QUERY, Config, log, ratio, timed
+from bench.common import QUERY, Config, log, ratio, timed_together
 from bench.galleries import Galleries, RealFaces, SyntheticModel, describe_synthetic, encode_real
 from indexer.scan import find_photos
 from matcher.encoder import Encoder, EncoderSettings, cores
@@ -87,17 +88,13 @@ def jobs(ctx: Context) -> dict[str, Any]:
         t = time.perf_counter()
         gallery = Gallery.open(path)
         out["gallery_open_s"][str(size)] = round(time.perf_counter() - t, 3)
-        for engine in c.engines:
-            enc = ctx.encoder(engine)
-            st, result = timed(lambda g=gallery, e=enc: jobs_mod.fsw_job(g, e, ctx.payload), c.job_repeats, warmup=2)
-            out["fsw"][engine][str(size)] = st
-            out["all_results_real"] &= _ids(result) == want
-            log(f"  fsw ({engine}), {size:,} faces: {st['median_ms']:.0f} ms, {len(json.loads(result))} photos")
         scan = jobs_mod.NumpyScan(gallery)
-        st, result = timed(lambda s=scan: s.job(ctx.encoder("onnx"), ctx.payload), c.job_repeats, warmup=2)
-        out["numpy"][str(size)] = st
-        out["all_results_real"] &= _ids(result) == want
-        log(f"  numpy, {size:,} faces: {st['median_ms']:.0f} ms")
+        methods = {engine: partial(jobs_mod.fsw_job, gallery, ctx.encoder(engine), ctx.payload) for engine in c.engines}
+        methods["numpy"] = partial(scan.job, ctx.encoder("onnx"), ctx.payload)
+        for name, (st, result) in timed_together(methods, c.job_repeats, warmup=2).items():
+            (out["numpy"] if name == "numpy" else out["fsw"][name])[str(size)] = st
+            out["all_results_real"] &= _ids(result) == want
+            log(f"  {name}, {size:,} faces: {st['median_ms']:.0f} ms, {len(json.loads(result))} photos")
         del scan, gallery
     first, last = str(c.gallery_sizes[0]), str(c.gallery_sizes[-1])
     out["largest_over_smallest"] = {
