@@ -34,7 +34,7 @@ def test_add_and_remove_while_serving_give_old_or_new_answers_never_a_mix(
     redis_url: str, faces_dir: Path, photo_tree: PhotoTree, tmp_path: Path, reliability_trials,
     reliability_report,  # type: ignore[no-untyped-def]
 ) -> None:
-    cycles = reliability_trials(5, 1)
+    cycles = reliability_trials(3, 1)
     photos, gallery = tmp_path / "photos", tmp_path / "gallery"
     for stage, names in (("Day-1/Morning", ("g05.jpg", "g13.jpg")), ("Day-3", ("g15.jpg", "g02.jpg"))):
         (photos / stage).mkdir(parents=True)
