@@ -107,20 +107,29 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[dict[st
     return stats(times), result
 
 
-def timed_together(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
-                   ) -> dict[str, tuple[dict[str, float | int], Any]]:
-    """`timed` for several methods, their runs interleaved (a, b, c, a, b, c, ...), so that a change in
-    the machine's other load during the measurement weighs on each method alike and their ratios hold."""
-    results: dict[str, Any] = {}
-    for _ in range(warmup):
+def timed_together(fns: dict[Any, Callable[[], Any]], repeats: int, warmup: int = 1, rounds: int = 3,
+                   pause_s: float = 0.2) -> dict[Any, tuple[dict[str, float | int], Any]]:
+    """`timed` for several methods, in `rounds` interleaved blocks (a a a, b b b, a a a, b b b, ...), so that
+    a change in the machine's other load weighs on each method alike and their ratios hold.
+
+    `pause_s` between blocks: BLAS and ONNX Runtime threads spin for a while after a call, and would
+    otherwise slow the next method's first runs (measured: a FAISS scan right after a numpy matmul of the
+    same size took twice as long).
+    """
+    results: dict[Any, Any] = {}
+    times: dict[Any, list[float]] = {name: [] for name in fns}
+    repeats = max(1, repeats)
+    rounds = max(1, min(rounds, repeats))
+    per_round = -(-repeats // rounds)
+    for r in range(rounds):
         for name, fn in fns.items():
-            results[name] = fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(max(1, repeats)):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - t)
+            time.sleep(pause_s)
+            for _ in range(warmup if r == 0 else 0):
+                results[name] = fn()
+            for _ in range(min(per_round, repeats - len(times[name]))):
+                t = time.perf_counter()
+                results[name] = fn()
+                times[name].append(time.perf_counter() - t)
     return {name: (stats(times[name]), results.get(name)) for name in fns}
 
 
