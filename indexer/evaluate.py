@@ -42,7 +42,6 @@ photo; faceless queries refused (no face found) or given no photo.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import statistics
 import tempfile
@@ -61,6 +60,7 @@ from matcher.encoder import Encoder, EncoderSettings
 from matcher.errors import FswError, NoFaceError, SettingsMismatchError
 from matcher.expansion import best_face_per_photo, refine
 from matcher.gallery import Gallery
+from matcher.models import content_sha256
 from matcher.query import search_descriptor, selfie_descriptor
 from matcher.search import DEFAULT_THRESHOLD, check_threshold, exhaustive_search
 
@@ -432,7 +432,7 @@ def _labelled_ids(g: Gallery, folder: Path, photos: list[Label]) -> dict[str, st
     out: dict[str, str] = {}
     missing: list[str] = []
     for x in photos:
-        pid = by_hash.get(_sha256(x.path))
+        pid = by_hash.get(content_sha256(x.path))
         if pid is None:
             missing.append(x.file)
         elif pid in out.values():
@@ -444,13 +444,6 @@ def _labelled_ids(g: Gallery, folder: Path, photos: list[Label]) -> dict[str, st
                           f"(e.g. {missing[0]}): give another --gallery folder, or none for a temporary one")
     return out
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _encode_queries(encoder: Encoder, queries: list[Label]) -> tuple[list[QueryInput], list[float]]:

@@ -9,7 +9,6 @@ and never stops the run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -28,6 +27,7 @@ from matcher import layout
 from matcher.encoder import Encoder, EncoderSettings, Face, cores
 from matcher.errors import FswError, ImageError
 from matcher.images import load_image
+from matcher.models import content_sha256
 from matcher.store import GalleryWriter, PendingPhoto
 
 
@@ -155,7 +155,7 @@ def _tasks(
         queued: dict[str, str] = {}
         for path, pid, st in todo:
             try:
-                sha = _sha256(path)
+                sha = content_sha256(path)
             except OSError as e:
                 _skip(summary, progress, pid, f"cannot read file: {e.strerror}")
                 continue
@@ -264,10 +264,3 @@ def _encode(task: _Task) -> _Encoded:
     descriptors = np.asarray([f.descriptor for f in faces], dtype=np.float32).reshape(-1, 128)
     return _Encoded(task, boxes, descriptors)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

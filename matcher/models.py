@@ -47,6 +47,11 @@ def file_sha256(path: str) -> str:
 
 @cache
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return content_sha256(path)
+
+
+def content_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a file's content, read in 1 MiB blocks; not cached (photos are hashed once)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

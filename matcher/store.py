@@ -234,9 +234,9 @@ def _write_file(folder: Path, name: str, rows: Rows, attrs: dict[str, Any]) -> N
             _dataset(h5, f"faces/{c}", rows.faces[c], dtype, tail)
         _dataset(h5, "removals/row", rows.removals[:, 0], "i8", ())
         _dataset(h5, "removals/version", rows.removals[:, 1], "i8", ())
-    _fsync_file(tmp)
+    layout.fsync_path(tmp)
     os.replace(tmp, folder / name)
-    layout.fsync_dir(folder)
+    layout.fsync_path(folder)
 
 
 def _dataset(h5: h5py.File, path: str, data: np.ndarray, dtype: Any, tail: tuple[int, ...]) -> None:
@@ -469,9 +469,9 @@ class GalleryWriter:
         name = f"index-v{m.version}.faiss"
         tmp = self.folder / f".{name}.tmp"
         faiss.write_index(index, str(tmp))
-        _fsync_file(tmp)
+        layout.fsync_path(tmp)
         os.replace(tmp, self.folder / name)
-        layout.fsync_dir(self.folder)
+        layout.fsync_path(self.folder)
         return name, _sha256(self.folder / name)
 
     def close(self) -> None:
@@ -524,13 +524,6 @@ def _is_empty_base(path: Path) -> bool:
     except (OSError, KeyError):
         return False
 
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
