@@ -115,8 +115,8 @@ def _redis_url(env: Mapping[str, str]) -> str:
     port = env.get("REDIS_PORT", "").strip() or "6379"
     if not port.isdigit():
         raise SettingsError(f"REDIS_PORT must be a port number, not {port!r}")
-    password = env.get("REDIS_PASSWORD", "")
-    auth = f":{quote(password, safe='')}@" if password else ""
+    given = env.get("REDIS_PASSWORD", "")
+    auth = f":{quote(given, safe='')}@" if given else ""
     return f"redis://{auth}{host}:{port}"
 
 
