@@ -7,7 +7,6 @@ min-max), in milliseconds unless a name says otherwise.
 from __future__ import annotations
 
 import base64
-import csv
 import os
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from indexer.labels import Label, read_labels
 
 ROOT = Path(__file__).resolve().parent.parent
 FACES = Path(os.environ.get("FSW_FACES", ROOT.parent / "shared" / "faces"))
@@ -137,29 +138,14 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-@dataclass(frozen=True)
-class Labelled:
-    file: str
-    people: tuple[str, ...]
-    split: str
-
-    @property
-    def path(self) -> Path:
-        return FACES / self.file
-
-    @property
-    def expected_faces(self) -> int:
-        return 0 if self.people == ("none",) else len(self.people)
-
-
-def labels() -> list[Labelled]:
+def labels() -> list[Label]:
+    """The dev set's labels (`indexer.labels`, the one parser), in file order."""
     if not (FACES / "labels.csv").is_file():
         sys.exit(f"labelled faces not found at {FACES}: set FSW_FACES to the folder with labels.csv")
-    with open(FACES / "labels.csv", newline="") as f:
-        return [Labelled(r["file"], tuple(r["identity"].split(";")), r["split"]) for r in csv.DictReader(f)]
+    return read_labels(FACES / "labels.csv")
 
 
-def gallery_photos() -> list[Labelled]:
+def gallery_photos() -> list[Label]:
     return [x for x in labels() if x.split == "gallery"]
 
 

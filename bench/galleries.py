@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import CACHE, ROOT, Labelled, gallery_photos, labels, log
+from bench.common import CACHE, ROOT, gallery_photos, labels, log
+from indexer.labels import Label
 from matcher import layout
 from matcher.encoder import Encoder, EncoderSettings, Face
 from matcher.images import load_image
@@ -48,7 +49,7 @@ _BLOCK = 1 << 16
 class RealFaces:
     """The dev set encoded by fsw: gallery photos with their faces, and the query selfies' descriptors."""
 
-    photos: list[tuple[Labelled, str, list[Face]]]  # (label, sha256, faces)
+    photos: list[tuple[Label, str, list[Face]]]  # (label, sha256, faces)
     queries: dict[str, np.ndarray]  # query file -> the descriptor a job searches with (`selfie_descriptor`)
     avoid: np.ndarray  # every descriptor a job for a query might search with: no synthetic face goes near them
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.evaluate import THRESHOLDS, Faces, LabelsError, QueryInput, answers, evaluate, read_labels, score
+from indexer.evaluate import THRESHOLDS, Faces, QueryInput, answers, evaluate, score
+from indexer.labels import LabelsError, read_labels
 from matcher.encoder import EncoderSettings, Face
 from matcher.errors import SettingsMismatchError
 from matcher.expansion import MARGIN, refine
