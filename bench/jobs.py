@@ -5,8 +5,9 @@ Three ways to answer the same job:
 - numpy: the same selfie descriptor (`matcher.query.selfie_descriptor`), then every precomputed
   descriptor compared by hand with `np.linalg.norm(vectors - q, axis=1)`, as a user would write it (and
   as DeepFace's `find` does), with no further refinement of the query;
-- the old way: the replaced worker, which detected and encoded every photo of the stage for every job
-  with face_recognition (4 jitters, the 68-point 'large' model) and compared the selfie against each.
+- the old way: the replaced worker, which for every job scaled each photo of the stage to at most 640 px
+  (long side), detected and encoded its faces with face_recognition (4 jitters, the 68-point 'large'
+  model) and compared the selfie against each.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from bench.common import decode_data_url, timed
 from matcher.encoder import Encoder
@@ -27,6 +29,7 @@ from matcher.search import DEFAULT_THRESHOLD, best_per_photo
 
 OLD_JITTERS = 4
 OLD_MODEL = "large"
+OLD_MAX_SIDE = 640  # the replaced worker shrank each photo to this long side before detection
 
 
 def job_payload(image: str, uid: str = "bench@example.edu", stage: str = "") -> dict[str, object]:
@@ -55,9 +58,18 @@ class NumpyScan:
         return json.dumps([m.to_dict() for m in matches])
 
 
+def old_way_photo(path: Path) -> np.ndarray:
+    """A photo as the replaced worker saw it: RGB, long side at most `OLD_MAX_SIDE` pixels."""
+    with Image.open(path) as image:
+        small = image.convert("RGB")
+    small.thumbnail((OLD_MAX_SIDE, OLD_MAX_SIDE))  # keeps the aspect ratio; never enlarges
+    return np.asarray(small)
+
+
 def old_way_job(photos: list[Path], payload: dict[str, object],
                 on_photo: Callable[[float], None] | None = None) -> tuple[str, float]:
-    """The replaced worker: encode the selfie, then detect and encode every photo of the stage.
+    """The replaced worker: encode the selfie, then detect and encode every photo of the stage, each
+    scaled to at most `OLD_MAX_SIDE` pixels first (the selfie as sent).
 
     Returns the JSON result and the seconds spent on the selfie; `on_photo` gets each photo's seconds.
     """
@@ -73,7 +85,7 @@ def old_way_job(photos: list[Path], payload: dict[str, object],
     found = []
     for path in photos:
         t = time.perf_counter()
-        image = face_recognition.load_image_file(str(path))
+        image = old_way_photo(path)
         faces = face_recognition.face_encodings(image, num_jitters=OLD_JITTERS, model=OLD_MODEL)
         if faces:
             d = float(face_recognition.face_distance(faces, me).min())

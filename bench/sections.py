@@ -149,7 +149,8 @@ def old_way(ctx: Context, job_results: dict[str, Any] | None) -> dict[str, Any]:
     largest = runs[-1]
     extrapolated_ms = largest["selfie_ms"] + 1000 * largest["per_photo_ms_mean"]
     out: dict[str, Any] = {
-        "jitters": jobs_mod.OLD_JITTERS, "model": jobs_mod.OLD_MODEL, "measured": runs,
+        "jitters": jobs_mod.OLD_JITTERS, "model": jobs_mod.OLD_MODEL, "max_side": jobs_mod.OLD_MAX_SIDE,
+        "measured": runs,
         "extrapolated_1000": {"photos": 1000, "median_ms": round(extrapolated_ms, 1),
                               "how": f"selfie encode + 1000 x the mean per-photo cost of the {largest['photos']}-photo "
                               "job (measured per photo in the same run)"},
