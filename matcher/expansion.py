@@ -23,11 +23,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from matcher.defaults import EXPANSION_MARGIN as MARGIN
+from matcher.defaults import EXPANSION_MIN_MATCHES as MIN_MATCHES
 from matcher.gallery import Gallery
 from matcher.search import check_threshold, exact_distances, range_search
-
-MARGIN = 0.05  # "well above the threshold": at the default 0.5 a confident face is within distance 0.45
-MIN_MATCHES = 1
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from matcher.defaults import PHOTO_MAX_PIXELS
 from matcher.errors import ImageError
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-DEFAULT_MAX_PIXELS = 64_000_000  # a 64 MP photo decodes to 192 MB of RGB
 _FORMATS = ("JPEG", "PNG", "WEBP", "MPO")
 
 # Pillow's own bomb check warns or raises at its fixed limit; ours is explicit and configurable.
@@ -31,7 +31,7 @@ def is_photo(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(PHOTO_SUFFIXES)
 
 
-def load_image(source: str | os.PathLike[str] | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(source: str | os.PathLike[str] | bytes, max_pixels: int = PHOTO_MAX_PIXELS) -> np.ndarray:
     """Decode a photo into an RGB uint8 array of shape (height, width, 3), upright.
 
     source: a file path or the image's bytes. Raises ImageError for anything that is not a usable

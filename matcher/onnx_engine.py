@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from matcher import onnx_convert
+from matcher.defaults import ONNX_MAX_BATCH
 
 __all__ = ["OnnxEngine"]
 
@@ -29,8 +30,7 @@ class OnnxEngine:
     """
 
     name = "onnx"
-    #: chips per ONNX Runtime call; larger batches are split (bounds the activation memory)
-    max_batch = 64
+    max_batch = ONNX_MAX_BATCH  # chips per ONNX Runtime call; larger batches are split
 
     def __init__(self, threads: int | None = None, device: str = "auto") -> None:
         if device not in ("auto", "cpu", "cuda"):

@@ -20,13 +20,12 @@ import os
 import dlib
 import numpy as np
 
+from matcher.defaults import DEFAULT_THRESHOLD, SELFIE_MAX_PIXELS
 from matcher.encoder import Encoder
 from matcher.expansion import expand_query
 from matcher.gallery import Gallery
-from matcher.images import DEFAULT_MAX_PIXELS, load_image
-from matcher.search import DEFAULT_THRESHOLD, Match
-
-SELFIE_MAX_PIXELS = 40_000_000  # a phone's largest photos are about 50 MP; 40 MP at most for a selfie
+from matcher.images import load_image
+from matcher.search import Match
 
 
 def selfie_descriptor(encoder: Encoder, selfie: bytes | str | os.PathLike[str] | np.ndarray) -> np.ndarray:
@@ -76,4 +75,4 @@ def search_selfie(
     return search_descriptor(gallery, descriptor, stage, threshold, limit, exclude, encoder.settings.selfie_expansion)
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "search_descriptor", "search_selfie", "selfie_descriptor"]
+__all__ = ["search_descriptor", "search_selfie", "selfie_descriptor"]

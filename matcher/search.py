@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-DEFAULT_THRESHOLD = 0.5
-MIN_THRESHOLD, MAX_THRESHOLD = 0.2, 0.9
+from matcher.defaults import DEFAULT_THRESHOLD as DEFAULT_THRESHOLD  # the matching rule's default, here too
+from matcher.defaults import MAX_THRESHOLD, MIN_THRESHOLD
+
 _WIDEN = 1e-4  # relative: far above float32 rounding (~1e-6), far below any real margin
 
 

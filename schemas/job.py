@@ -24,9 +24,9 @@ PROGRESS = {"decoded": 25, "face_found": 50, "encoded": 75, "searched": 100}
 # The portal's images are phone selfies; 20 MB of base64 (15 MB of JPEG) is far above any of them and
 # low enough that a runaway upload is refused before it is decoded.
 MAX_IMAGE_CHARS = 20 * 1024 * 1024
-# The matching rule's bounds (matcher.search holds the same numbers; a test keeps them equal).
 # A stage is a folder path; far longer than any real one, and short enough that a message may quote it.
 MAX_STAGE_CHARS = 1024
+# The matching rule's default and bounds; matcher.defaults imports these, so they are written once.
 DEFAULT_THRESHOLD = 0.5
 MIN_THRESHOLD, MAX_THRESHOLD = 0.2, 0.9
 

@@ -1,0 +1,72 @@
+"""Every tunable of `matcher` in one place, each with the reason for its value (as python-rq's `defaults.py`).
+
+Modules import these names; nothing here reads the environment. The edges do that (the `fsw-index` CLI,
+the worker's settings, `python -m matcher.onnx_convert`) and pass values in as parameters. The encoder's
+own defaults (detection size, upsampling, jitters) are fields of `matcher.encoder.EncoderSettings`: they
+are recorded in a gallery, and a settings object is where a reader looks for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The similarity a match must exceed, and the range a caller may ask for, are the job contract's numbers:
+# imported from `schemas.job`, not written twice. 0.5 is face_recognition's distance of 0.5; below 0.2
+# nearly everyone matches, above 0.9 nearly no one does.
+from schemas.job import DEFAULT_THRESHOLD as DEFAULT_THRESHOLD
+from schemas.job import MAX_THRESHOLD as MAX_THRESHOLD
+from schemas.job import MIN_THRESHOLD as MIN_THRESHOLD
+
+# -- where things are ----------------------------------------------------------------------------------
+
+# The gallery folder when none is named (flag --gallery, or FSW_GALLERY at the edges).
+DEFAULT_GALLERY = Path("gallery")
+# Converted ONNX models, derived from dlib's .dat file (FSW_CACHE_DIR at the edges); `~` expanded at use.
+CACHE_DIR = Path("~/.cache/fsw")
+
+# -- images --------------------------------------------------------------------------------------------
+
+# A 64 MP photo decodes to 192 MB of RGB: above any event camera's photos, below a memory problem.
+PHOTO_MAX_PIXELS = 64_000_000
+# A phone's largest photos are about 50 MP; a selfie needs far fewer, and a job decodes one per thread.
+SELFIE_MAX_PIXELS = 40_000_000
+# HOG finds faces down to about 40 px with the selfie's upsampling; a smaller picture cannot hold one.
+MIN_SELFIE_SIDE = 40
+
+# -- query expansion (`matcher.expansion`) -------------------------------------------------------------
+
+# "Well above the threshold": at the default 0.5 a confident face is within distance 0.45.
+EXPANSION_MARGIN = 0.05
+# One confident face that agrees with the others is enough: the agreement check, not a count, keeps a
+# look-alike from pulling the query.
+EXPANSION_MIN_MATCHES = 1
+
+# -- the descriptor engine -----------------------------------------------------------------------------
+
+# Chips per ONNX Runtime call; larger batches are split, which bounds the activation memory (on a GPU too).
+ONNX_MAX_BATCH = 64
+
+# -- the gallery's files (`matcher.layout`, `matcher.rows`, `matcher.writer`) --------------------------
+
+# Hashing reads 1 MiB at a time: disk speed, without holding a whole photo in memory.
+HASH_BLOCK_BYTES = 1 << 20
+# Rows per HDF5 chunk: 1024 descriptors are 512 KiB, 4096 rows of the other columns at most 32 KiB; chunks
+# of tens of KiB to about 1 MiB read fast whole and waste little when a file holds few rows.
+H5_CHUNK_ROWS = 4096
+H5_DESCRIPTOR_CHUNK_ROWS = 1024
+# Descriptors are read into FAISS in blocks of 65,536 rows (32 MiB): memory stays bounded on any gallery.
+DESCRIPTOR_READ_ROWS = 1 << 16
+# A row file is merged with the newer rows after it when they weigh at least 1/MERGE_RATIO of it. With 2
+# (the "logarithmic method") a gallery keeps about log2(rows) files and rewrites each row about log2(rows)
+# times in its life, while a small `add` writes a small file.
+MERGE_RATIO = 2
+# A new FAISS file is written when the faces after the last one exceed this share of all faces; below it,
+# readers add those rows from the row files, so a small `add` costs no rewrite of the index.
+INDEX_REWRITE_SHARE = 0.25
+# A reader that finds a file replaced under it (a writer committed meanwhile) tries again: 20 tries
+# 0.2 s apart outlast any commit's renames; a gallery unreadable for 4 s is damaged, not busy.
+GALLERY_OPEN_ATTEMPTS = 20
+GALLERY_OPEN_RETRY_S = 0.2
+# `fsw-index verify` checks again when a version was committed while it read; after 5 it reports what it
+# read, rather than chase a writer that commits faster than a check.
+VERIFY_ATTEMPTS = 5
