@@ -1,17 +1,32 @@
-"""Markdown tables of a results.json, printed at the end of a run (and the README's source)."""
+"""docs/performance.md, rendered from a run's results.json: `markdown(results)` is the whole page.
+
+`make bench` writes bench/results.json and then this page (docs/performance.md); a quick run writes
+performance.md beside its results. `python -m bench.report [RESULTS] [-o OUT]` renders again without
+measuring (defaults: bench/results.json -> docs/performance.md; `-o -` prints). Every table names the
+results.json keys it comes from, and every number in the prose is computed from them, so the page can
+never disagree with the run it describes: to change the wording, edit this module, not the page.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import os.path
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.json"
+PAGE = ROOT / "docs" / "performance.md"
+
+Results = dict[str, Any]
+
 
 def _ms(st: dict[str, Any] | None, digits: int = 0) -> str:
+    """A timing as `median (p25-p75)` in milliseconds."""
     if not st:
         return "-"
-    return f"{st['median_ms']:.{digits}f} ({st['p25_ms']:.{digits}f}-{st['p75_ms']:.{digits}f})"
+    return f"{st['median_ms']:,.{digits}f} ({st['p25_ms']:,.{digits}f}-{st['p75_ms']:,.{digits}f})"
 
 
 def _table(head: list[str], rows: list[list[Any]]) -> str:
@@ -20,119 +35,323 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(r: dict[str, Any]) -> str:
-    out: list[str] = []
-    meta = r.get("meta", {})
-    m = meta.get("machine", {})
-    out.append(f"fsw benchmarks ({meta.get('mode')} run), {meta.get('date')}, {m.get('cpu')}, {m.get('cores')} cores, "
-               f"{m.get('ram_gb')} GB; load average {meta.get('load_average_start')} at start, "
-               f"{meta.get('load_average_end')} at end; {meta.get('elapsed_s')} s")
-    for name, value in r.items():
-        if isinstance(value, dict) and "error" in value:
-            out.append(f"\n**{name}: failed**: {value['error']}")
+def _x(value: float | None) -> str:
+    """A ratio: `88x`, `1.41x`."""
+    if value is None:
+        return "-"
+    return f"{value:,.0f}x" if value >= 10 else f"{value:.2f}x"
 
-    jobs = r.get("jobs", {})
-    if "fsw" in jobs:
-        worker = r.get("worker", {}).get("sizes", {})
-        out.append("\nPer-job latency, ms: median (p25-p75)\n")
-        rows = []
-        for size in jobs["sizes"]:
-            s = str(size)
-            rows.append([f"{size:,}", _ms(jobs["fsw"].get("onnx", {}).get(s)), _ms(jobs["fsw"].get("dlib", {}).get(s)),
-                         _ms(worker.get(s, {}).get("latency")) if worker else "not measured",
-                         _ms(jobs["numpy"].get(s))])
-        out.append(_table(["faces", "fsw, ONNX engine", "fsw, dlib engine", "fsw-worker via Redis",
-                           "numpy exhaustive"], rows))
-    old = r.get("old_way", {})
-    if old.get("measured"):
-        out.append("\nThe old way (every photo detected and encoded per job, 4 jitters, 68-point model)\n")
-        ratios = old.get("ratios", {})
-        key = next((k for k in ratios if "_onnx_" in k), None)
-        rows = [[row["photos"], f"{row['latency']['median_ms'] / 1000:.2f} ({row['latency']['n']} runs)",
-                 ratios.get(key, {}).get(str(row["photos"]), "-") if key else "-"] for row in old["measured"]]
-        ext = old.get("extrapolated_1000", {})
-        rows.append(["1,000 (extrapolated)", f"{ext.get('median_ms', 0) / 1000:.0f}",
-                     ratios.get(key, {}).get("1000 (extrapolated)", "-") if key else "-"])
-        out.append(_table(["photos in the stage", "old way, s", "old way / fsw (ONNX, smallest gallery)"], rows))
 
-    search = r.get("search", {})
-    if search.get("sizes"):
-        bw = search["bandwidth"]["gb_per_s"]
-        out.append(f"\nSearch alone, ms: median (p25-p75); floor = bytes / {bw} GB/s (numpy copy, read + write)\n")
-        by_size = sorted(search["sizes"].items(), key=lambda x: int(x[0]))
-        rows = [[f"{int(k):,}", _ms(v["fsw"], 2), _ms(v["faiss_range"], 2), _ms(v.get("faiss_split_threads"), 2),
-                 _ms(v["numpy_matmul"], 2), f"{v['floor_ms']:.2f}", v["fsw_over_floor"]] for k, v in by_size]
-        out.append(_table(["faces", "fsw Gallery.search", "FAISS range search", "FAISS, rows split over the cores",
-                           "numpy matmul", "floor", "fsw / floor"], rows))
+def _source(*keys: str) -> str:
+    return "Source: " + ", ".join(f"`{k}`" for k in keys) + "."
 
-    b = r.get("build", {})
-    if b.get("tree_builds"):
-        out.append(f"\nGallery build, {b['tree_photos']} photos (ONNX engine)\n")
-        rows = [[f"fsw, {x['jobs']} process(es)", f"{x['photos_per_s']:.2f}", f"{x['faces_per_s']:.2f}",
-                 f"{x['seconds']:.1f}"] for x in b["tree_builds"]]
-        raw = b["raw_onnx"]
-        rows.append(["raw dlib calls + ONNX, one loop", f"{raw['floor_photos_per_s']:.2f}",
-                     f"{raw['faces'] / sum(raw['seconds'].values()):.2f}", f"{sum(raw['seconds'].values()):.1f}"])
-        out.append(_table(["", "photos/s", "faces/s", "s"], rows))
-        out.append(f"\n2 processes / 1: {b.get('speedup_2_over_1')}x; overhead of fsw (1 process) over the raw loop: "
-                   f"{100 * b.get('overhead_over_raw', 0):.1f}%\n")
-        out.append("Where a photo's time goes, ms per photo: " + ", ".join(
-            f"{k.replace('_', ' ')} {v}" for k, v in b["per_photo_ms"].items()))
-        dev = b.get("dev_gallery", {})
-        rates = {e: dev[e]["photos_per_s"] for e in ("onnx", "dlib") if e in dev}
-        rows = [[e, x["median"], f"{x['min']}-{x['max']}"] for e, x in rates.items()]
-        if rows:
-            out.append(f"\nBuild of the dev gallery ({dev[rows[0][0]]['photos']} photos, {dev[rows[0][0]]['jobs']} "
-                       "processes), photos/s\n")
-            out.append(_table(["engine", "median", "min-max"], rows))
-            out.append(f"\nraw per-photo ms on the dev gallery: {dev.get('raw_per_photo_ms')}")
-        if b.get("add"):
-            out.append("\n`add` of new photos, s: median (p25-p75)\n")
-            out.append(_table(["gallery photos", "photos added", "add, s"],
-                              [[a["base_photos"], a["added_photos"],
-                                f"{a['latency']['median_ms'] / 1000:.2f} ({a['latency']['p25_ms'] / 1000:.2f}-"
-                                f"{a['latency']['p75_ms'] / 1000:.2f})"] for a in b["add"]]))
 
-    mem = r.get("memory", {})
-    if "processes" in mem:
-        out.append("\nMemory of a process holding the gallery (Gallery.open), MB\n")
-        rows = [[f"{int(k):,}", f"{v['rss_after_open'] / 2**20:.0f}", f"{v['peak_rss'] / 2**20:.0f}"]
-                for k, v in sorted(mem["processes"].items(), key=lambda x: int(x[0]))]
-        worker = r.get("worker", {}).get("sizes", {})
-        for k, v in sorted(worker.items(), key=lambda x: int(x[0])):
-            rows.append([f"{int(k):,} (fsw-worker)", f"{v['rss_bytes'] / 2**20:.0f}", "-"])
-        out.append(_table(["faces", "RSS", "peak RSS"], rows))
-        if "bytes_per_face" in mem:
-            out.append(f"\n{mem['bytes_per_face']} bytes per face (512 descriptor + {mem['metadata_bytes_per_face']} "
-                       f"metadata; target {mem['target_bytes_per_face']})")
+def _by_size(d: dict[str, Any]) -> list[tuple[int, Any]]:
+    return sorted(((int(k), v) for k, v in d.items()), key=lambda kv: kv[0])
 
-    enc = r.get("encoder", {})
-    if enc.get("descriptor_engines"):
-        d = enc["descriptor_engines"]
-        out.append("\nDescriptor engines, ms per face: median (p25-p75)\n")
-        out.append(_table(["engine", "batch 1", "batch 16"],
-                          [[e, _ms(d[e]["batch_1_ms_per_face"], 2), _ms(d[e]["batch_16_ms_per_face"], 2)]
-                           for e in ("dlib", "onnx", "onnx_1_thread")
-                           if e in d]))
-        out.append(f"\ndlib / ONNX: {d['dlib_over_onnx']}; "
-                   f"dlib batched / one by one: {d['dlib_batched_over_per_face']}; the network is "
-                   f"{d['network_gflop_per_face']} GFLOP a face; GFLOP/s at batch 16: {d['achieved_gflop_per_s']}")
-    if enc.get("detection_grid"):
-        out.append(f"\nDetection settings on {enc['detection_grid'][0]['photos']} dev gallery photos (default "
-                   f"{enc['default']['max_side']} px, upsample {enc['default']['upsample']})\n")
-        rows = [[g["max_side"], g["upsample"], g["mean_ms_per_photo"], g["detect_per_photo"]["median_ms"],
-                 f"{g['faces_found']}/{g['faces_expected']}", g["faces_missed"], g["faces_extra"], g["photos_exact"]]
-                for g in enc["detection_grid"]]
-        out.append(_table(["max side", "upsample", "ms/photo (mean)", "detect ms (median)", "found/listed",
-                           "missed", "extra", "photos exact"], rows))
 
-    if r.get("targets"):
-        out.append("\nTargets\n")
-        out.append(_table(["target", "wanted", "measured", "met"],
-                          [[t["name"], t["target"], t["value"], {True: "yes", False: "**no**", None: "-"}[t["met"]]]
-                           for t in r["targets"]]))
+def markdown(r: Results, plot: str | None = "../bench/job-latency.png", source: str = "bench/results.json") -> str:
+    """The performance page for one run's results; `plot` is the image's path relative to the page."""
+    parts = [_header(r, plot, source)]
+    for section in (_jobs, _old_way, _search, _build, _memory, _encoder, _targets):
+        text = section(r)
+        if text:
+            parts.append(text)
+    return "\n\n".join(parts) + "\n"
+
+
+def _header(r: Results, plot: str | None, source: str) -> str:
+    out = [
+        "# Performance",
+        "",
+        f"<!-- Written by bench/report.py from {source}: edit bench/report.py, not this page. -->",
+        "",
+        f"Every figure on this page comes from `{source}`, written by one `make bench` run "
+        "(`python -m bench.run`); each table names the keys it reads. `make bench-quick` is a smoke run "
+        "(small sizes, few repeats) that writes to a temporary folder and never touches the committed results; "
+        "`python -m bench.report` renders this page again from the JSON without measuring. No test asserts a time.",
+        "",
+        _the_run(r.get("meta", {})),
+    ]
+    if plot and "jobs" in r:
+        out += ["", f"![Per-job latency against gallery size, and search alone against its floor]({plot})"]
+    out += ["", "## What is measured", "", *_what_is_measured(r)]
+    failed = [f"**{name}: failed**: {v['error']}" for name, v in r.items() if isinstance(v, dict) and "error" in v]
+    if failed:
+        out += ["", *failed]
     return "\n".join(out)
 
 
+def _the_run(meta: dict[str, Any]) -> str:
+    m = meta.get("machine", {})
+    code = meta.get("uncommitted_code") or []
+    changes = f"uncommitted changes in {', '.join(f'`{c}`' for c in code)}" if code else "no uncommitted code"
+    sentences = [
+        f"**The run** (`meta`): a {meta.get('mode')} run on {meta.get('date')}",
+        f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gb')} GB RAM",
+        f"Python {m.get('python')}, numpy {m.get('numpy')}, faiss {m.get('faiss')}, "
+        f"onnxruntime {m.get('onnxruntime')}, dlib {m.get('dlib')}",
+        f"code at commit `{meta.get('git_commit')}`, {changes}",
+        f"dev faces: {_faces(meta)}",
+        f"load average {meta.get('load_average_start')} at the start and {meta.get('load_average_end')} at the end",
+        f"the run took {meta.get('elapsed_s')} s",
+    ]
+    return ("; ".join(sentences) + ". Each figure is the median of several runs after a warm-up, with the p25-p75 "
+            "spread in brackets; methods being compared run in interleaved blocks, so a change in the machine's other "
+            "load weighs on each of them alike.")
+
+
+def _faces(meta: dict[str, Any]) -> str:
+    if meta.get("faces"):
+        return f"`{meta['faces']}`"
+    return ("`../shared/faces`, the default before `meta.faces` was recorded (the same gallery photos and query "
+            "`q04` as `tests/data/faces`, and one more stranger query, `q09`)")
+
+
+def _what_is_measured(r: Results) -> list[str]:
+    syn = r.get("synthetic", {})
+    query = r.get("meta", {}).get("query", "a dev query")
+    lines = [
+        f"- **A job** is what the portal sends: a data-URL selfie (`{query}` of the dev faces) through decode, "
+        "detection, encoding, search and the JSON result; through `matcher.query.search_selfie` (the path a worker "
+        "takes) and through a real `fsw-worker run` on a private `redis-server`, timed from the Python bullmq "
+        "client's `Queue.add` until it sees the job completed.",
+    ]
+    if syn.get("real_faces_in_each_gallery"):
+        lines.append(
+            f"- **Galleries of many faces** hold the {syn['real_faces_in_each_gallery']} real dev faces plus synthetic "
+            f"descriptors ({syn['faces_per_synthetic_photo']} faces a synthetic photo), written by fsw's own gallery "
+            f"writer (`synthetic`): {syn.get('method')}. Real and synthetic agree closely: mean norm "
+            f"{syn.get('real_norm_mean')} and {syn.get('synthetic_norm_mean')}, median pairwise distance "
+            f"{syn.get('real_pairwise_distance_median')} and {syn.get('synthetic_pairwise_distance_median')}; "
+            f"{100 * syn.get('redrawn_share', 0):.0f}% of draws were redrawn. Every size returns exactly the query's "
+            "real photos, and the run checks it (`jobs.all_results_real`).")
+    old = r.get("old_way", {})
+    if old:
+        size = (f"scaled each photo to at most {old['max_side']} px (long side)" if old.get("max_side")
+                else "read each photo at full size")
+        lines.append(
+            f"- **The old way** is the replaced worker: for every job it {size}, detected and encoded its faces "
+            "with `face_recognition.face_encodings(img, "
+            f"num_jitters={old.get('jitters')}, model=\"{old.get('model')}\")` and compared each with the selfie. "
+            "Its cost is a sum over independent photos, so the 1,000-photo figure is extrapolated: the selfie's "
+            "encode plus 1,000 times the mean per-photo cost of the largest job.")
+    lines.append("- **numpy exhaustive** is what a user would write by hand (and what DeepFace's `find` does): the "
+                 "same selfie descriptor, then `np.linalg.norm(vectors - q, axis=1)` over the same descriptors.")
+    return lines
+
+
+def _jobs(r: Results) -> str:
+    jobs = r.get("jobs", {})
+    if "fsw" not in jobs:
+        return ""
+    worker = r.get("worker", {}).get("sizes", {})
+    rows = []
+    for size in jobs["sizes"]:
+        s = str(size)
+        rows.append([f"{size:,}", _ms(jobs["fsw"].get("onnx", {}).get(s)), _ms(jobs["fsw"].get("dlib", {}).get(s)),
+                     _ms(worker.get(s, {}).get("latency")) if worker else "not measured",
+                     _ms(jobs["numpy"].get(s))])
+    out = ["## Per-job latency, ms", "",
+           _table(["faces in the gallery", "fsw, ONNX engine (default)", "fsw, dlib engine",
+                   "fsw-worker via Redis (ONNX)", "numpy exhaustive"], rows),
+           "", _source("jobs.fsw.onnx", "jobs.fsw.dlib", "worker.sizes.*.latency", "jobs.numpy")]
+    grow = jobs.get("largest_over_smallest", {})
+    if grow.get("onnx"):
+        sizes = jobs["sizes"]
+        out += ["", f"A job at {sizes[-1]:,} faces costs {grow['onnx']}x what it costs at {sizes[0]:,} through the "
+                f"matcher (`jobs.largest_over_smallest`): most of a job is the selfie's detection and encoding."]
+    return "\n".join(out)
+
+
+def _old_way(r: Results) -> str:
+    old = r.get("old_way", {})
+    if not old.get("measured"):
+        return ""
+    ratios = old.get("ratios", {})
+    onnx = next((v for k, v in ratios.items() if "_onnx_" in k), {})
+    dlib = next((v for k, v in ratios.items() if "_dlib_" in k), {})
+    rows = [[f"{row['photos']:,}", f"{row['latency']['median_ms'] / 1000:,.1f} s ({_runs(row['latency']['n'])})",
+             f"{row['per_photo_ms_mean'] / 1000:.2f} s", _x(onnx.get(str(row["photos"]))),
+             _x(dlib.get(str(row["photos"])))] for row in old["measured"]]
+    ext = old.get("extrapolated_1000", {})
+    if ext:
+        key = "1000 (extrapolated)"
+        rows.append(["1,000 (extrapolated)", f"{ext['median_ms'] / 1000:,.0f} s", "-", _x(onnx.get(key)),
+                     _x(dlib.get(key))])
+    out = ["## The old way", "", "The replaced worker's job over a stage of n photos, against fsw's job.", "",
+           _table(["photos in the stage", "old way", "a photo (mean)", "old way / fsw (ONNX)",
+                   "old way / fsw (dlib engine)"], rows),
+           "", _source("old_way.measured", "old_way.extrapolated_1000", "old_way.ratios") +
+           " Ratios are to fsw's job at the smallest gallery."]
+    if not old.get("max_side"):
+        out += ["", "This run encoded the old way's photos at full size (`old_way.max_side` is absent), but the "
+                "replaced worker scaled them to at most 640 px first, as `bench/jobs.py` now does: these figures "
+                "overstate the old way's cost, and the next full run measures it as the worker ran."]
+    return "\n".join(out)
+
+
+def _search(r: Results) -> str:
+    search = r.get("search", {})
+    if not search.get("sizes"):
+        return ""
+    bw = search["bandwidth"]["gb_per_s"]
+    rows = [[f"{size:,}", _ms(v["fsw"], 2), _ms(v["faiss_range"], 2), _ms(v.get("faiss_split_threads"), 2),
+             _ms(v["numpy_matmul"], 2), f"{v['floor_ms']:.2f}", _x(v["fsw_over_floor"])]
+            for size, v in _by_size(search["sizes"])]
+    largest = _by_size(search["sizes"])[-1][1]
+    split = largest.get("faiss_split_threads")
+    out = ["## Search alone, ms", "",
+           f"One descriptor against the gallery. The floor is the bytes scanned at {bw} GB/s, the machine's memory "
+           "bandwidth measured as a 1 GB numpy copy (read + write).", "",
+           _table(["faces", "fsw `Gallery.search`", "FAISS flat range search", "FAISS, rows split over the cores",
+                   "numpy matmul, precomputed norms", "floor", "fsw / floor"], rows),
+           "", _source("search.sizes", "search.bandwidth")]
+    if split:
+        out += ["", f"FAISS scans for one query on one core; split into one slice per core, the same search at "
+                f"{int(largest['faces']):,} faces takes {split['median_ms']:.1f} ms, "
+                f"{_x(split['median_ms'] / largest['floor_ms'])} the floor."]
+    return "\n".join(out)
+
+
+def _build(r: Results) -> str:
+    b = r.get("build", {})
+    if not b.get("tree_builds"):
+        return ""
+    rows = [[f"fsw, {x['jobs']} process{'es' if x['jobs'] > 1 else ''}", f"{x['photos_per_s']:.2f}",
+             f"{x['faces_per_s']:.1f}", f"{x['seconds']:.1f}"] for x in b["tree_builds"]]
+    raw = b["raw_onnx"]
+    rows.append(["floor: one loop of raw Pillow + dlib calls + an ONNX Runtime session",
+                 f"{raw['floor_photos_per_s']:.2f}", f"{raw['faces'] / sum(raw['seconds'].values()):.1f}",
+                 f"{sum(raw['seconds'].values()):.1f}"])
+    per_photo = ", ".join(f"{k.replace('_', ' ')} {v} ms" for k, v in b["per_photo_ms"].items())
+    out = ["## Gallery build", "",
+           f"{b['tree_photos']} photos: copies of the dev gallery photos, each cropped by a few pixels and re-encoded "
+           "so that every content hash differs, built with `indexer.pipeline.index_photos` (what `fsw-index build` "
+           "wraps), ONNX engine.", "",
+           _table(["", "photos/s", "faces/s", "s"], rows), "",
+           _source("build.tree_builds", "build.raw_onnx"), "",
+           f"- {b.get('cores')} processes / 1: {_x(b.get('speedup_2_over_1'))} (`build.speedup_2_over_1`); fsw's "
+           f"overhead over the raw loop, 1 process: {100 * b.get('overhead_over_raw', 0):.1f}% in wall time "
+           f"(`build.overhead_over_raw`).",
+           f"- Where a photo's time goes (`build.per_photo_ms`): {per_photo}."]
+    dev = b.get("dev_gallery", {})
+    rates = {e: dev[e] for e in ("onnx", "dlib") if e in dev}
+    if rates:
+        first = next(iter(rates.values()))
+        text = ", ".join(f"{e} {v['photos_per_s']['median']} photos/s ({v['photos_per_s']['min']}-"
+                         f"{v['photos_per_s']['max']})" for e, v in rates.items())
+        out.append(f"- Engines, building the {first['photos']}-photo dev gallery with {first['jobs']} processes "
+                   f"(`build.dev_gallery`): {text}; ONNX / dlib {_x(dev.get('onnx_over_dlib'))}.")
+        raw_dev = dev.get("raw_per_photo_ms", {})
+        if {"detect", "descriptor_onnx", "descriptor_dlib"} <= set(raw_dev):
+            rest = sum(v for k, v in raw_dev.items() if not k.startswith("descriptor_"))
+            best = (rest + raw_dev["descriptor_dlib"]) / (rest + raw_dev["descriptor_onnx"])
+            out.append(f"  Detection takes {raw_dev['detect']:.0f} ms of a photo, the descriptor "
+                       f"{raw_dev['descriptor_onnx']:.1f} ms with ONNX and {raw_dev['descriptor_dlib']:.0f} ms with "
+                       "dlib (`build.dev_gallery.raw_per_photo_ms`): with detection as it is, the ONNX engine can "
+                       f"make a build at most {_x(best)} faster than dlib's.")
+    if b.get("add"):
+        adds = "; ".join(f"{a['added_photos']} photos onto {a['base_photos']:,}: "
+                         f"{a['latency']['median_ms'] / 1000:.2f} s ({a['latency']['p25_ms'] / 1000:.2f}-"
+                         f"{a['latency']['p75_ms'] / 1000:.2f})" for a in b["add"])
+        out.append(f"- `add` (`build.add`): {adds}; largest base / smallest {_x(b.get('add_largest_over_smallest'))}.")
+    return "\n".join(out)
+
+
+def _memory(r: Results) -> str:
+    mem = r.get("memory", {})
+    if "processes" not in mem:
+        return ""
+    rows = [[f"{size:,}", f"{v['rss_after_open'] / 2**20:.0f}", f"{v['peak_rss'] / 2**20:.0f}"]
+            for size, v in _by_size(mem["processes"])]
+    rows += [[f"{size:,} (fsw-worker)", f"{v['rss_bytes'] / 2**20:.0f}", "-"]
+             for size, v in _by_size(r.get("worker", {}).get("sizes", {}))]
+    out = ["## Memory", "", "Resident memory of a fresh process that opens the gallery with `Gallery.open`, and of "
+           "`fsw-worker` serving it (which also holds dlib's models and ONNX Runtime), MiB:", "",
+           _table(["faces", "RSS", "peak RSS"], rows), "", _source("memory.processes", "worker.sizes.*.rss_bytes")]
+    if "bytes_per_face" in mem:
+        out += ["", f"**{mem['bytes_per_face']} bytes a face** (`memory.bytes_per_face`): the 512-byte descriptor, "
+                f"{mem['metadata_bytes_per_face']} bytes of metadata (photo ids, boxes, the face-to-photo map) and "
+                "allocator overhead."]
+    return "\n".join(out)
+
+
+def _encoder(r: Results) -> str:
+    enc = r.get("encoder", {})
+    out: list[str] = []
+    if enc.get("detection_grid"):
+        grid = enc["detection_grid"]
+        default = (enc["default"]["max_side"], enc["default"]["upsample"])
+        rows = [[g["max_side"], g["upsample"], f"{g['faces_found']}/{g['faces_expected']}", g["faces_extra"],
+                 f"{g['photos_exact']}/{g['photos']}", g["mean_ms_per_photo"],
+                 "default" if (g["max_side"], g["upsample"]) == default else ""] for g in grid]
+        out += ["## Detection settings", "",
+                f"HOG detection on {grid[0]['photos']} dev gallery photos; the time is detection plus landmarks, chip "
+                f"and the ONNX descriptor. {_capital(enc.get('grid_note', ''))}", "",
+                _table(["max side", "upsample", "found / listed", "extra", "photos with the listed count",
+                        "ms a photo (mean)", ""], rows), "", _source("encoder.detection_grid")]
+    d = enc.get("descriptor_engines")
+    if d:
+        names = {"dlib": "dlib (dlib-bin)", "onnx": "ONNX Runtime (default threads)",
+                 "onnx_1_thread": "ONNX Runtime, 1 thread"}
+        rows = [[names[e], _ms(d[e]["batch_1_ms_per_face"], 2), _ms(d[e]["batch_16_ms_per_face"], 2)]
+                for e in names if e in d]
+        gflops = ", ".join(f"{k} {v}" for k, v in d.get("achieved_gflop_per_s", {}).items())
+        out += ["", "## Descriptor engines, ms a face", "",
+                _table(["engine", "one face per call", "16 faces per call"], rows), "",
+                _source("encoder.descriptor_engines"), "",
+                f"dlib / ONNX: {_x(d['dlib_over_onnx']['batch_1_ms_per_face'])} at one face a call, "
+                f"{_x(d['dlib_over_onnx']['batch_16_ms_per_face'])} at 16. The network is "
+                f"{d['network_gflop_per_face']} GFLOP a face; GFLOP/s achieved: {gflops}."]
+    return "\n".join(out).strip()
+
+
+def _targets(r: Results) -> str:
+    if not r.get("targets"):
+        return ""
+    met = {True: "met", False: "**missed**", None: "-"}
+    rows = [[t["name"], t["target"], t["value"], met[t["met"]]] for t in r["targets"]]
+    return "\n".join(["## Targets", "", _table(["target", "wanted", "measured", ""], rows), "",
+                      _source("targets") + " Set in `bench/targets.py`."])
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _runs(n: int) -> str:
+    return "1 run" if n == 1 else f"{n} runs"
+
+
+def write(results: Results, page: Path, plot: str | None, source: str) -> None:
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(markdown(results, plot, source))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="?", type=Path, default=RESULTS, help="a run's results.json")
+    parser.add_argument("-o", "--out", default=str(PAGE), help="the page to write, or - to print it")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    source = source_name(args.results.parent)
+    if args.out == "-":
+        print(markdown(results, None, source), end="")
+        return 0
+    page = Path(args.out)
+    plot = args.results.with_name("job-latency.png")
+    write(results, page, os.path.relpath(plot, page.parent) if plot.exists() else None, source)
+    return 0
+
+
+def source_name(folder: Path) -> str:
+    """How the page names a results.json in `folder`: its path in the repository, or just its name."""
+    try:
+        return (folder.resolve() / "results.json").relative_to(ROOT).as_posix()
+    except ValueError:
+        return "results.json"
+
+
 if __name__ == "__main__":
-    print(markdown(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results.json").read_text())))
+    raise SystemExit(main())

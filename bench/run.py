@@ -1,8 +1,9 @@
-"""`python -m bench.run [--quick]`: measure fsw on this machine and write results.json and job-latency.png.
+"""`python -m bench.run [--quick]`: measure fsw on this machine and write results.json, job-latency.png and the page.
 
-The full run (about 12 minutes on 2 cores) writes bench/results.json and bench/job-latency.png, which
-are committed. `--quick` is a smoke run (small sizes, few repeats, about 1.5 minutes) that writes to a
-temporary folder unless `--out` says otherwise, so it never overwrites the committed results.
+The full run (about 12 minutes on 2 cores) writes bench/results.json and bench/job-latency.png, and renders
+docs/performance.md from them (`bench.report`); all three are committed. `--quick` is a smoke run (small
+sizes, few repeats, about 1.5 minutes) that writes the three to a temporary folder unless `--out` says
+otherwise, so it never overwrites the committed results.
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot.draw(results, out / "job-latency.png")
-    print(report.markdown(results))
-    log(f"wrote {out / 'results.json'} and {out / 'job-latency.png'} in {results['meta']['elapsed_s']:.0f} s")
+    # the committed results render the committed page; any other folder gets its page beside its results
+    page = report.PAGE if out.resolve() == HERE else out / "performance.md"
+    report.write(results, page, os.path.relpath(out / "job-latency.png", page.parent), report.source_name(out))
+    print(report.markdown(results, plot=None))
+    log(f"wrote {out / 'results.json'}, {out / 'job-latency.png'} and {page} in {results['meta']['elapsed_s']:.0f} s")
     return 1 if any("error" in v for v in results.values() if isinstance(v, dict)) else 0
 
 
@@ -120,6 +124,7 @@ def meta(config: Config) -> dict[str, Any]:
         "git_commit": commit,
         "uncommitted_code": [line.strip() for line in dirty],
         "encoder_settings": EncoderSettings().as_dict(),
+        "faces": os.path.relpath(FACES, ROOT),
         "query": QUERY,
         "engines": list(config.engines),
         "load_average_start": [round(x, 2) for x in os.getloadavg()],

@@ -96,3 +96,47 @@ def test_plot_and_table_are_written(quick_run):
     _, out, stdout = quick_run
     assert (out / "job-latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Per-job latency" in stdout and "Targets" in stdout
+    assert (out / "performance.md").read_text().startswith("# Performance\n")
+
+
+def _st(median: float, p25: float, p75: float, n: int = 3) -> dict:
+    return {"median_ms": median, "p25_ms": p25, "p75_ms": p75, "min_ms": p25, "max_ms": p75, "n": n}
+
+
+def test_the_performance_page_is_rendered_from_results_json_alone(tmp_path):
+    results = {
+        "meta": {"mode": "full", "date": "2026-01-01 00:00 UTC", "machine": {"cpu": "Test CPU", "cores": 2},
+                 "git_commit": "abc1234", "faces": "tests/data/faces"},
+        "jobs": {"sizes": [1000, 10000], "largest_over_smallest": {"onnx": 1.2},
+                 "fsw": {"onnx": {"1000": _st(148, 125, 167), "10000": _st(141, 130, 148)},
+                         "dlib": {"1000": _st(335, 318, 357), "10000": _st(316, 303, 335)}},
+                 "numpy": {"1000": _st(115, 113, 133), "10000": _st(153, 135, 164)}},
+        "old_way": {"jitters": 4, "model": "large", "max_side": 640,
+                    "measured": [{"photos": 10, "latency": _st(6500, 6400, 6600), "per_photo_ms_mean": 600.0}],
+                    "extrapolated_1000": {"photos": 1000, "median_ms": 600900.0},
+                    "ratios": {"old_over_fsw_onnx_at_1000_faces": {"10": 43.9, "1000 (extrapolated)": 4060.1}}},
+        "targets": [{"name": "job latency, largest gallery / smallest", "target": "<= 1.5x", "value": 1.2,
+                     "met": True}],
+    }
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    page = tmp_path / "performance.md"
+    p = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "results.json"), "-o", str(page)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    text = page.read_text()
+    assert text.startswith("# Performance\n")
+    assert "\n".join([
+        "| faces in the gallery | fsw, ONNX engine (default) | fsw, dlib engine | fsw-worker via Redis (ONNX) "
+        "| numpy exhaustive |",
+        "|---|---|---|---|---|",
+        "| 1,000 | 148 (125-167) | 335 (318-357) | not measured | 115 (113-133) |",
+        "| 10,000 | 141 (130-148) | 316 (303-335) | not measured | 153 (135-164) |",
+    ]) in text
+    assert "Source: `jobs.fsw.onnx`, `jobs.fsw.dlib`, `worker.sizes.*.latency`, `jobs.numpy`." in text
+    assert "| 10 | 6.5 s (3 runs) | 0.60 s | 44x | - |" in text
+    assert "| 1,000 (extrapolated) | 601 s | - | 4,060x | - |" in text
+    assert "scaled each photo to at most 640 px" in text
+    assert "| job latency, largest gallery / smallest | <= 1.5x | 1.2 | met |" in text
+    assert "dev faces: `tests/data/faces`" in text
+    for absent in ("## Search alone", "## Gallery build", "## Memory", "failed"):
+        assert absent not in text  # sections the run did not measure are left out, not shown empty
