@@ -292,16 +292,7 @@ def eval_(labels: Path, gallery: Path | None, out: Path, threshold: float, selfi
         line.close()
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(report.to_json())
-    s = report.settings
-    click.echo(f"{report.labels}: gallery {report.gallery}; selfie jitters {s['selfie_jitters']}, mirror "
-               f"{'on' if s['selfie_mirror'] else 'off'}, expansion {'on' if s['selfie_expansion'] else 'off'}; "
-               f"encode {report.timing_ms['selfie_encode_median']} ms, search {report.timing_ms['search_median']} ms "
-               "(medians per query)")
-    click.echo(report.table())
-    checks = report.gallery_checks
-    click.echo(f"gallery: {checks['faces_found']} faces found, {checks['faces_labelled']} labelled; "
-               f"false faces in faceless photos: {len(checks['false_faces_in_faceless_photos'])}; photos with "
-               f"fewer faces than labelled: {len(checks['photos_with_fewer_faces_than_labelled'])}")
+    click.echo(report.summary())
     try:
         report.plot(out / "eval.png")
     except ImportError:

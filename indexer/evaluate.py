@@ -1,6 +1,8 @@
-"""How well fsw finds a person's photos, measured on a labelled set: what `fsw-index eval` runs.
+"""`fsw-index eval`: how well fsw finds a person's photos, measured on a labelled set.
 
-The labelled set: a CSV file of images and who is in them (`indexer.labels` describes it).
+The run ties the parts together: the labels (`indexer.labels`), a gallery of the labelled photos, the
+queries searched by the job's own code (`matcher.query`, `matcher.expansion`, `Gallery.search`), the
+counts (`indexer.scoring`, pure functions of the answers) and the report (`indexer.report`).
 
 The gallery: with no gallery folder given, the labelled gallery photos are indexed in place, into a
 temporary gallery whose photo root is the CSV file's folder (so photo ids are the `file` column), and it
@@ -9,141 +11,43 @@ existing gallery (of these photos, or an event's gallery that contains them) is 
 the labelled photos are found in it by content hash, whatever their ids. Only labelled photos are scored;
 photos of an event gallery without labels count as "unlabelled" and are neither right nor wrong.
 
-The queries run as a worker job runs them (`matcher.query`): each selfie is encoded once with
-`selfie_descriptor`; the search uses the same rule and the same expansion (`matcher.expansion.refine`).
-Since a match is `similarity > threshold`, one exhaustive search at the lowest threshold gives the
-results at every threshold. Query expansion makes the second search depend on the threshold (its
-confident bar is threshold + margin), so at each threshold the expanded query is formed again, and one
-search is made per distinct set of faces averaged in. At the default threshold every query's derived
-answer is checked against `search_descriptor`, the job's own search; a difference is a bug and stops
-the run.
-
-Counts, per threshold: photos found of those that hold the query's person (recall); wrong photos
-(returned but not holding the person) and their rate over the (query, photo) pairs where the photo does
-not hold the person; queries answered perfectly (exactly their person's photos); strangers given no
-photo; faceless queries refused (no face found) or given no photo.
+The queries run as a worker job runs them: each selfie is encoded once with `selfie_descriptor`, then
+searched with the job's expansion and search. Since a match is `similarity > threshold`, a search at the
+lowest threshold holds the answer at every higher one. Query expansion makes the query depend on the
+threshold (its confident bar is threshold + margin), so at each threshold the expanded query is formed
+again (`expand_query`), and one search is made per distinct set of faces averaged in. At the default
+threshold every query's derived answer is checked against `search_descriptor`, the job's own search; a
+difference is a bug and stops the run.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import faiss
 import numpy as np
 
-from indexer.labels import NOT_PEOPLE, Label, LabelsError, read_labels
+from indexer.defaults import EVAL_THRESHOLDS
+from indexer.labels import Label, LabelsError, read_labels
 from indexer.pipeline import Progress, index_photos
-from matcher import expansion, layout, store
+from indexer.report import Report
+from indexer.scoring import Answer, Outcome, Row, Truth, above, count, details, face_checks
+from matcher import expansion, layout, rows
 from matcher.encoder import Encoder, EncoderSettings
 from matcher.errors import NoFaceError, SettingsMismatchError
-from matcher.expansion import best_face_per_photo, refine
+from matcher.expansion import expand_query
 from matcher.gallery import Gallery
-from matcher.models import content_sha256
 from matcher.query import search_descriptor, selfie_descriptor
-from matcher.search import DEFAULT_THRESHOLD, check_threshold, exhaustive_search
+from matcher.search import DEFAULT_THRESHOLD, check_threshold
 
-THRESHOLDS = tuple(round(0.30 + 0.05 * i, 2) for i in range(9))  # 0.30 .. 0.70
+# settings of the process that searches, not of the gallery: the eval's own, whatever the gallery recorded
 _PER_PROCESS = ("engine", "threads", "selfie_max_side", "selfie_jitters", "selfie_mirror", "selfie_expansion")
-
-
-@dataclass(frozen=True)
-class Faces:
-    """The searchable faces of a gallery: descriptors and, for each, its photo (an index into `ids`)."""
-
-    vectors: np.ndarray  # float32 (n, 128)
-    photo: np.ndarray  # int (n,)
-    ids: np.ndarray  # photo ids
-
-    @classmethod
-    def of(cls, gallery: Gallery) -> Faces:
-        live = np.flatnonzero(gallery.face_live)
-        return cls(gallery.vectors[live], gallery.face_photo[live].astype(np.int64), gallery.photo_ids)
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What a query's job returns at one threshold: {photo id: similarity}, and faces averaged in."""
-
-    photos: dict[str, float]
-    expanded_with: int = 0
-
-
-def answers(
-    faces: Faces,
-    descriptor: np.ndarray,
-    thresholds: Sequence[float],
-    expand: bool,
-    margin: float = expansion.MARGIN,
-    min_matches: int = expansion.MIN_MATCHES,
-) -> dict[float, Answer]:
-    """The job's answer at each threshold, from one search at the lowest (plus one per expanded query)."""
-    lowest = min(thresholds)
-    rows, distances = exhaustive_search(faces.vectors, descriptor, lowest)
-    first = _photo_similarities(faces, rows, distances)
-    if not expand:
-        return {t: Answer(_above(first, t)) for t in thresholds}
-    candidates = best_face_per_photo(rows, distances, faces.photo)
-    searched: dict[tuple[int, ...], dict[str, float]] = {(): first}
-    out = {}
-    for t in thresholds:
-        e = refine(descriptor, faces.vectors[candidates], t, margin, min_matches)
-        key = tuple(sorted(int(r) for r in candidates[e.used]))
-        if key not in searched:
-            searched[key] = _photo_similarities(faces, *exhaustive_search(faces.vectors, e.descriptor, lowest))
-        out[t] = Answer(_above(searched[key], t), len(key))
-    return out
-
-
-def _wanted(truth: dict[str, frozenset[str]], person: str) -> set[str]:
-    """The labelled photos that hold `person` (none for a query without a face)."""
-    return set() if person == "none" else {pid for pid, people in truth.items() if person in people}
-
-
-def _photo_similarities(faces: Faces, rows: np.ndarray, distances: np.ndarray) -> dict[str, float]:
-    best = best_face_per_photo(rows, distances, faces.photo)
-    by_row = dict(zip(rows.tolist(), distances.tolist(), strict=True))
-    return {str(faces.ids[faces.photo[r]]): 1.0 - by_row[int(r)] for r in best}
-
-
-def _above(similarities: dict[str, float], threshold: float) -> dict[str, float]:
-    return {pid: s for pid, s in similarities.items() if s > threshold}
-
-
-@dataclass
-class Row:
-    """The counts at one threshold."""
-
-    threshold: float
-    found: int = 0
-    wanted: int = 0
-    wrong: int = 0
-    negatives: int = 0  # (query, photo) pairs where the photo does not hold the query's person
-    perfect: int = 0
-    person_queries: int = 0
-    strangers_ok: int = 0
-    strangers: int = 0
-    no_face_ok: int = 0
-    no_face: int = 0
-    expanded: int = 0
-    unlabelled: int = 0  # photos returned that carry no label (an event gallery's other photos)
-
-    @property
-    def recall(self) -> float:
-        return self.found / self.wanted if self.wanted else 0.0
-
-    @property
-    def wrong_rate(self) -> float:
-        return self.wrong / self.negatives if self.negatives else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "recall": round(self.recall, 4), "wrong_rate": round(self.wrong_rate, 5)}
 
 
 @dataclass(frozen=True)
@@ -153,113 +57,67 @@ class QueryInput:
     descriptor: np.ndarray | None  # None: no face found in it
 
 
+@dataclass(frozen=True)
+class Faces:
+    """Hand-made gallery faces (a test's): descriptors and, for each, its photo (an index into `ids`)."""
+
+    vectors: np.ndarray  # float32 (n, 128)
+    photo: np.ndarray  # int (n,)
+    ids: np.ndarray  # photo ids
+
+    @classmethod
+    def of(cls, gallery: Gallery) -> Faces:
+        """A copy of a gallery's live faces."""
+        live = np.flatnonzero(gallery.face_live)
+        return cls(gallery.vectors[live], gallery.face_photo[live].astype(np.int64), gallery.photo_ids)
+
+    def gallery(self) -> Gallery:
+        """These faces as a gallery held in memory (every photo live, no boxes), to be searched as any."""
+        vectors = np.ascontiguousarray(self.vectors, dtype=np.float32).reshape(-1, 128)
+        index = faiss.IndexFlatL2(128)
+        index.add(vectors)
+        ids = np.asarray(self.ids, dtype=object)
+        return Gallery(Path(), layout.Manifest(), ids, np.ones(len(ids), bool), np.asarray(self.photo, np.int32),
+                       np.zeros((len(vectors), 4), np.int32), index)
+
+
+def answers(faces: Faces | Gallery, descriptor: np.ndarray, thresholds: Sequence[float],
+            expand: bool) -> dict[float, Answer]:
+    """The job's answer (`search_descriptor`) at each threshold, from searches at the lowest."""
+    gallery = faces.gallery() if isinstance(faces, Faces) else faces
+    lowest = min(thresholds)
+    searched: dict[tuple[int, ...], dict[str, float]] = {}  # faces averaged in -> {photo id: similarity}
+    out = {}
+    for t in thresholds:
+        query, used = descriptor, ()
+        if expand:
+            e = expand_query(gallery, descriptor, t)
+            query, used = e.descriptor, tuple(sorted(e.used.tolist()))
+        if used not in searched:
+            searched[used] = {m.id: m.similarity for m in gallery.search(query, "", lowest)}
+        out[t] = Answer(above(searched[used], t), len(used))
+    return out
+
+
+def outcomes(faces: Faces | Gallery, queries: Sequence[QueryInput], thresholds: Sequence[float],
+             expand: bool) -> list[Outcome]:
+    """Each query's answers at every threshold (none for a query without a face)."""
+    gallery = faces.gallery() if isinstance(faces, Faces) else faces
+    return [Outcome(q.file, q.person, q.descriptor is not None,
+                    answers(gallery, q.descriptor, thresholds, expand) if q.descriptor is not None else {})
+            for q in queries]
+
+
 def score(
-    faces: Faces,
-    truth: dict[str, frozenset[str]],
+    faces: Faces | Gallery,
+    truth: Truth,
     queries: Sequence[QueryInput],
-    thresholds: Sequence[float] = THRESHOLDS,
+    thresholds: Sequence[float] = EVAL_THRESHOLDS,
     expand: bool = True,
-    margin: float = expansion.MARGIN,
-    min_matches: int = expansion.MIN_MATCHES,
 ) -> tuple[list[Row], dict[str, dict[float, Answer]]]:
     """Counts per threshold, and each query's answers. `truth`: labelled photo id -> people in it."""
-    rows = {t: Row(t) for t in thresholds}
-    in_gallery = set().union(*truth.values()) - NOT_PEOPLE
-    per_query: dict[str, dict[float, Answer]] = {}
-    for q in queries:
-        got = answers(faces, q.descriptor, thresholds, expand, margin, min_matches) if q.descriptor is not None else {}
-        per_query[q.file] = got
-        wanted = _wanted(truth, q.person)
-        for t, row in rows.items():
-            answer = got.get(t, Answer({}))
-            returned = set(answer.photos)
-            labelled = returned & truth.keys()
-            row.unlabelled += len(returned - labelled)
-            row.expanded += answer.expanded_with > 0
-            if q.person == "none":
-                row.no_face += 1
-                row.no_face_ok += not returned
-                continue
-            row.found += len(labelled & wanted)
-            row.wanted += len(wanted)
-            row.wrong += len(labelled - wanted)
-            row.negatives += len(truth) - len(wanted)
-            if q.person in in_gallery:
-                row.person_queries += 1
-                row.perfect += labelled == wanted
-            else:
-                row.strangers += 1
-                row.strangers_ok += not labelled
-    return [rows[t] for t in thresholds], per_query
-
-
-@dataclass
-class Report:
-    """An evaluation: counts per threshold, each query's outcome at the default, checks and costs."""
-
-    labels: str
-    gallery: str
-    settings: dict[str, Any]
-    default_threshold: float
-    rows: list[Row]
-    queries: list[dict[str, Any]]
-    gallery_checks: dict[str, Any]
-    timing_ms: dict[str, float]
-    expansion: dict[str, Any] = field(default_factory=dict)
-
-    def row(self, threshold: float) -> Row:
-        return next(r for r in self.rows if abs(r.threshold - threshold) < 1e-9)
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d["rows"] = [r.to_dict() for r in self.rows]
-        return json.dumps(d, indent=2)
-
-    def table(self) -> str:
-        head = (f"{'threshold':>10}  {'found/wanted':>12}  {'recall':>7}  {'wrong':>5}  {'wrong rate':>10}  "
-                f"{'perfect':>7}  {'strangers':>9}  {'no face':>7}  {'expanded':>8}")
-        lines = [head]
-        for r in self.rows:
-            mark = "*" if abs(r.threshold - self.default_threshold) < 1e-9 else " "
-            lines.append(
-                f"{mark} {r.threshold:>8.2f}  {f'{r.found}/{r.wanted}':>12}  {r.recall:>7.1%}  {r.wrong:>5}  "
-                f"{r.wrong_rate:>10.2%}  {f'{r.perfect}/{r.person_queries}':>7}  "
-                f"{f'{r.strangers_ok}/{r.strangers}':>9}  {f'{r.no_face_ok}/{r.no_face}':>7}  {r.expanded:>8}"
-            )
-        lines.append(f"* the default threshold ({self.default_threshold}); strangers: given no photo; "
-                     "no face: refused or given no photo; expanded: queries whose descriptor was refined")
-        if any(r.unlabelled for r in self.rows):
-            lines.append("unlabelled photos returned: " + ", ".join(f"{r.threshold:.2f}: {r.unlabelled}"
-                                                                    for r in self.rows))
-        return "\n".join(lines)
-
-    def plot(self, path: str | Path) -> None:
-        """Recall and wrong-photo rate against threshold, the default marked (a PNG)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        t = [r.threshold for r in self.rows]
-        fig, left = plt.subplots(figsize=(7, 4.2), dpi=110)
-        right = left.twinx()
-        left.plot(t, [100 * r.recall for r in self.rows], "o-", color="tab:blue", label="photos found (recall)")
-        right.plot(t, [100 * r.wrong_rate for r in self.rows], "s--", color="tab:red", label="wrong-photo rate")
-        left.axvline(self.default_threshold, color="grey", linestyle=":", label=f"default {self.default_threshold}")
-        left.set_xlabel("threshold (a match has similarity = 1 - distance > threshold)")
-        left.set_ylabel("photos found, % of those holding the person", color="tab:blue")
-        right.set_ylabel("wrong photos, % of (query, other photo) pairs", color="tab:red")
-        left.set_ylim(0, 105)
-        right.set_ylim(0, max(5.0, 110 * max(r.wrong_rate for r in self.rows)))
-        s = self.settings
-        left.set_title(f"{Path(self.labels).name}: mirror {'on' if s.get('selfie_mirror') else 'off'}, "
-                       f"expansion {'on' if s.get('selfie_expansion') else 'off'}, "
-                       f"selfie jitters {s.get('selfie_jitters')}", fontsize=10)
-        handles = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-        left.legend(handles, [str(h.get_label()) for h in handles], loc="center left", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+    got = outcomes(faces, queries, thresholds, expand)
+    return count(truth, got, thresholds), {o.file: dict(o.answers) for o in got}
 
 
 def evaluate(
@@ -267,7 +125,7 @@ def evaluate(
     gallery: str | Path | None = None,
     settings: EncoderSettings | None = None,
     default_threshold: float = DEFAULT_THRESHOLD,
-    thresholds: Sequence[float] = THRESHOLDS,
+    thresholds: Sequence[float] = EVAL_THRESHOLDS,
     jobs: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> Report:
@@ -283,29 +141,27 @@ def evaluate(
     default_threshold = check_threshold(default_threshold)
     thresholds = sorted({round(check_threshold(t), 4) for t in (*thresholds, default_threshold)})
     labels = read_labels(labels_csv)
+    photos = [x for x in labels if x.split == "gallery"]
     with _gallery(labels, labels_csv, gallery, settings, jobs, on_progress) as folder:
         g = Gallery.open(folder)
         if gallery is not None:
             _check_recorded(g, settings, folder)
-        ids = _labelled_ids(g, folder, [x for x in labels if x.split == "gallery"])
-        truth = {ids[x.file]: x.people for x in labels if x.split == "gallery"}
+        ids = _labelled_ids(g, folder, photos)
+        truth = {ids[x.file]: x.people for x in photos}
         query_settings = EncoderSettings.from_recorded(g.settings, **{k: getattr(settings, k) for k in _PER_PROCESS})
-        encoder = Encoder(query_settings)
-        queries, encode_ms = _encode_queries(encoder, [x for x in labels if x.split == "query"])
-        faces = Faces.of(g)
+        queries, encode_ms = _encode_queries(Encoder(query_settings), [x for x in labels if x.split == "query"])
         expand = query_settings.selfie_expansion
-        rows, per_query = score(faces, truth, queries, thresholds, expand)
-        search_ms = _check_against_job_path(g, queries, per_query, default_threshold, expand)
-        checks = _gallery_checks(g, truth)
+        got = outcomes(g, queries, thresholds, expand)
+        search_ms = _check_against_job_path(g, queries, got, default_threshold, expand)
+        checks = face_checks(truth, _faces_per_photo(g, truth))
         where = "temporary, built in place" if gallery is None else str(gallery)
-    details = _details(queries, per_query, truth, default_threshold)
     return Report(
         labels=str(labels_csv),
         gallery=where,
         settings=query_settings.as_dict(),
         default_threshold=default_threshold,
-        rows=rows,
-        queries=details,
+        rows=count(truth, got, thresholds),
+        queries=details(truth, got, default_threshold),
         gallery_checks=checks,
         timing_ms={
             "selfie_encode_median": round(statistics.median(encode_ms), 1) if encode_ms else 0.0,
@@ -346,7 +202,7 @@ def _gallery(
 
 def _check_recorded(g: Gallery, settings: EncoderSettings, folder: Path) -> None:
     want, have = settings.recorded(), g.settings
-    differ = [k for k in ("detector", "upsample", "jitters", "max_side") if k in have and have[k] != want[k]]
+    differ = [k for k in layout.ENCODER_FIELDS if k in have and have[k] != want[k]]
     if differ:
         was = ", ".join(f"{k}={have[k]}" for k in differ)
         raise SettingsMismatchError(f"the gallery at {folder} was built with {was}: evaluate it with those "
@@ -355,14 +211,14 @@ def _check_recorded(g: Gallery, settings: EncoderSettings, folder: Path) -> None
 
 def _labelled_ids(g: Gallery, folder: Path, photos: list[Label]) -> dict[str, str]:
     """Labelled file -> its photo id in the gallery, found by content hash."""
-    rows = store.read_rows(folder, g.manifest, ("id", "sha256", "removed_at"), ())
-    live = (rows.photos["removed_at"] == 0) | (rows.photos["removed_at"] > g.version)
-    by_hash = {h.decode(): str(pid) for pid, h, ok in zip(rows.photos["id"], rows.photos["sha256"], live,
+    got = rows.read_rows(folder, g.manifest, ("id", "sha256", "removed_at"), ())
+    live = rows.live(got.photos["removed_at"], g.version)
+    by_hash = {h.decode(): str(pid) for pid, h, ok in zip(got.photos["id"], got.photos["sha256"], live,
                                                           strict=True) if ok}
     out: dict[str, str] = {}
     missing: list[str] = []
     for x in photos:
-        pid = by_hash.get(content_sha256(x.path))
+        pid = by_hash.get(layout.file_sha256(x.path))
         if pid is None:
             missing.append(x.file)
         elif pid in out.values():
@@ -390,58 +246,25 @@ def _encode_queries(encoder: Encoder, queries: list[Label]) -> tuple[list[QueryI
 
 
 def _check_against_job_path(
-    g: Gallery, queries: list[QueryInput], per_query: dict[str, dict[float, Answer]], threshold: float, expand: bool
+    g: Gallery, queries: list[QueryInput], got: list[Outcome], threshold: float, expand: bool
 ) -> list[float]:
     """Each query's derived answer at `threshold` must be what the job's search returns. The search times."""
     ms = []
-    for q in queries:
+    for q, outcome in zip(queries, got, strict=True):
         if q.descriptor is None:
             continue
         started = time.perf_counter()
         job = {m.id: m.similarity for m in search_descriptor(g, q.descriptor, "", threshold, expand=expand)}
         ms.append((time.perf_counter() - started) * 1000)
-        derived = per_query[q.file][threshold].photos
+        derived = outcome.answers[threshold].photos
         if job.keys() != derived.keys() or any(abs(job[k] - derived[k]) > 1e-6 for k in job):
             raise RuntimeError(f"eval derived {sorted(derived)} for {q.file} at {threshold}, the job path returns "
                                f"{sorted(job)}: a bug in indexer.evaluate")
     return ms
 
 
-def _gallery_checks(g: Gallery, truth: dict[str, frozenset[str]]) -> dict[str, Any]:
-    """Faces found against faces labelled: false faces in faceless photos, faces missed in group photos."""
+def _faces_per_photo(g: Gallery, truth: Truth) -> dict[str, int]:
+    """Faces the gallery holds for each labelled photo."""
     index = {str(pid): i for i, pid in enumerate(g.photo_ids)}
     counts = np.bincount(g.face_photo[g.face_live], minlength=len(g.photo_ids))
-    found = {pid: int(counts[index[pid]]) for pid in truth}
-    labelled = {pid: 0 if people == {"none"} else len(people) for pid, people in truth.items()}
-    return {
-        "faces_found": sum(found.values()),
-        "faces_labelled": sum(labelled.values()),
-        "false_faces_in_faceless_photos": {p: n for p, n in found.items() if labelled[p] == 0 and n},
-        "photos_with_fewer_faces_than_labelled": {p: [found[p], labelled[p]] for p in truth if found[p] < labelled[p]},
-        "photos_with_more_faces_than_labelled": {p: [found[p], labelled[p]] for p in truth
-                                                 if labelled[p] and found[p] > labelled[p]},
-    }
-
-
-def _details(
-    queries: list[QueryInput], per_query: dict[str, dict[float, Answer]], truth: dict[str, frozenset[str]],
-    threshold: float,
-) -> list[dict[str, Any]]:
-    """Each query's outcome at `threshold`: photos found, missed and wrong, with similarities."""
-    in_gallery = set().union(*truth.values()) - NOT_PEOPLE
-    out = []
-    for q in queries:
-        answer = per_query[q.file].get(threshold, Answer({}))
-        wanted = _wanted(truth, q.person)
-        kind = "no face" if q.person == "none" else "person" if q.person in in_gallery else "stranger"
-        out.append({
-            "file": q.file,
-            "person": q.person,
-            "kind": kind,
-            "face_found": q.descriptor is not None,
-            "expanded_with": answer.expanded_with,
-            "found": {p: round(s, 4) for p, s in sorted(answer.photos.items()) if p in wanted},
-            "missed": sorted(wanted - set(answer.photos)),
-            "wrong": {p: round(s, 4) for p, s in sorted(answer.photos.items()) if p in truth and p not in wanted},
-        })
-    return out
+    return {pid: int(counts[index[pid]]) for pid in truth}

@@ -47,8 +47,12 @@ class Label:
 
     @property
     def expected_faces(self) -> int:
-        """The faces a gallery photo should yield: one per person listed, none for 'none'."""
-        return 0 if self.people == {"none"} else len(self.people)
+        return expected_faces(self.people)
+
+
+def expected_faces(people: frozenset[str]) -> int:
+    """The faces a gallery photo should yield: one per person listed, none for 'none'."""
+    return 0 if people == {"none"} else len(people)
 
 
 def read_labels(csv_path: str | Path) -> list[Label]:

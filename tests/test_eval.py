@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.evaluate import THRESHOLDS, Faces, QueryInput, answers, evaluate, score
+from indexer.defaults import EVAL_THRESHOLDS as THRESHOLDS
+from indexer.evaluate import Faces, QueryInput, answers, evaluate, score
 from indexer.labels import LabelsError, read_labels
 from matcher.encoder import EncoderSettings, Face
 from matcher.errors import SettingsMismatchError
