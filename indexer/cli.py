@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from indexer.pipeline import Summary, index_photos
-from indexer.progress import ProgressLine
+from indexer.progress import ProgressBar
 from matcher import layout
 from matcher.encoder import Encoder, EncoderSettings, default_detector
 from matcher.errors import FswError
@@ -214,7 +214,7 @@ def _recorded_if_gallery(gallery: Path) -> dict[str, Any] | None:
 
 def _index(gallery: Path, paths: list[Path], settings: EncoderSettings, jobs: int | None, checkpoint_s: float,
            command: str, photo_root: Path | None = None) -> None:
-    line = ProgressLine()
+    line = ProgressBar()
     try:
         summary = index_photos(gallery, paths, settings, photo_root=photo_root, jobs=jobs, command=command,
                                checkpoint_s=checkpoint_s, on_progress=line)
@@ -285,7 +285,7 @@ def eval_(labels: Path, gallery: Path | None, out: Path, threshold: float, selfi
 
     per_process = {"selfie_jitters": selfie_jitters, "selfie_mirror": mirror, "selfie_expansion": expansion}
     settings = _settings({**encoder, **per_process}, recorded=_recorded_if_gallery(gallery) if gallery else None)
-    line = ProgressLine()
+    line = ProgressBar()
     try:
         report = evaluate(labels, gallery, settings, default_threshold=threshold, jobs=jobs, on_progress=line)
     finally:

@@ -18,8 +18,8 @@ JOBS: int | None = None
 # parent records a finished photo; a task is only a path, so more would just delay Ctrl-C.
 TASKS_PER_JOB = 3
 
-# The progress bar: redraws a second on a terminal (smooth without costing the build anything), and
-# one line every 10 s in a log, which gives rate and ETA without burying the summary.
+# The progress bar: at most five redraws a second on a terminal (smooth, and no cost to the build), and
+# one line every 10 s in a log (rate and ETA often enough to watch, few enough not to bury the summary).
 PROGRESS_TTY_S = 0.2
 PROGRESS_LOG_S = 10.0
 

@@ -1,50 +1,72 @@
-"""The progress line of a long build: photos done, photos/s, faces found, ETA.
+"""The progress of a long build or add: a tqdm bar on a terminal, one line every few seconds in a log.
 
-On a terminal it redraws one line; in a log (not a tty) it prints a line every 10 seconds.
+On a terminal: tqdm's bar with photos done, rate, elapsed time and ETA, faces found (and photos skipped)
+after it. In a log (the stream is not a terminal), a redrawn bar would be a smear of carriage returns, so
+the same figures, in tqdm's words, are written as one line every `PROGRESS_LOG_S` seconds and at the end.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
 
+from tqdm import tqdm
+
+from indexer.defaults import PROGRESS_LOG_S, PROGRESS_TTY_S
 from indexer.pipeline import Progress
 
 
-class ProgressLine:
+class ProgressBar:
+    """An `on_progress` callback for `index_photos`; call `close()` when the run ends."""
+
     def __init__(self, stream: TextIO = sys.stderr, every_s: float | None = None):
         self.stream = stream
-        self.tty = stream.isatty()
-        self.every_s = every_s if every_s is not None else (0.2 if self.tty else 10.0)
+        self.tty = _is_terminal(stream)
+        self.every_s = every_s if every_s is not None else (PROGRESS_TTY_S if self.tty else PROGRESS_LOG_S)
+        self._bar: tqdm | None = None
         self._last = 0.0
 
     def __call__(self, p: Progress) -> None:
+        if self.tty:
+            self._draw(p)
+            return
         now = time.monotonic()
         if now - self._last < self.every_s and p.done < p.total:
             return
         self._last = now
-        self.stream.write(("\r" if self.tty else "") + render(p) + ("" if self.tty else "\n"))
+        self.stream.write(render(p) + "\n")
         self.stream.flush()
 
+    def _draw(self, p: Progress) -> None:
+        if self._bar is None:
+            # photos found already indexed are counted before the first call: start the bar there, so that
+            # its rate and ETA are those of the photos encoded in this run
+            self._bar = tqdm(total=p.total, initial=p.done, desc="photos", unit="photo", file=self.stream,
+                             postfix=_counts(p), mininterval=self.every_s, dynamic_ncols=True)
+        self._bar.set_postfix_str(_counts(p), refresh=False)
+        self._bar.update(p.done - self._bar.n)
+
     def close(self) -> None:
-        if self.tty and self._last:
-            self.stream.write("\n")
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def render(p: Progress) -> str:
-    rate = p.done / p.elapsed if p.elapsed > 0 else 0.0
-    eta = (p.total - p.done) / rate if rate > 0 else float("nan")
-    pct = 100 * p.done / p.total if p.total else 100.0
-    skipped = f", {p.skipped} skipped" if p.skipped else ""
-    return (
-        f"photos {p.done}/{p.total} ({pct:.0f}%)  {rate:.2f} photos/s  faces {p.faces}{skipped}  "
-        f"ETA {_duration(eta)}"
-    )
+    """One line: 'photos:  53% 10/19 [00:04<00:03,  2.38photo/s, faces 12]'."""
+    return tqdm.format_meter(p.done, p.total, p.elapsed, ncols=0, prefix="photos", unit="photo", postfix=_counts(p))
 
 
-def _duration(seconds: float) -> str:
-    if seconds != seconds:  # nan: no rate yet
-        return "--"
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+def _is_terminal(stream: TextIO) -> bool:
+    """A terminal with a width. A pseudo-terminal of no size (some CI runners) gets the log's lines: tqdm
+    would draw nothing there."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _counts(p: Progress) -> str:
+    return f"faces {p.faces}" + (f", {p.skipped} skipped" if p.skipped else "")
