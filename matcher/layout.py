@@ -4,7 +4,7 @@
     gallery-v<N>.h5     a segment: rows committed after gallery.h5, written by version N
     index-v<N>.faiss    a FAISS IndexFlatL2 of the first `index_faces` face rows (a cache of the rows)
     manifest.json       written last, by atomic rename: names the committed version, its files and counts
-    .lock               held (flock) by the one writer; records its pid and command
+    .lock               held (an OS lock, through filelock) by the one writer; records its pid and command
     last-run.json       the summary of the last build or add
 
 No file is modified once a manifest names it (gallery.h5 is only ever replaced whole, by rename), and
@@ -14,12 +14,13 @@ version readable, and the next writer finds it intact.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import filelock
 
 from matcher.errors import GalleryError, GalleryLockedError
 
@@ -119,7 +120,12 @@ def fsync_path(path: Path) -> None:
 
 
 class WriterLock:
-    """The single-writer lock: an flock on `.lock`, released by the kernel if the writer dies."""
+    """The single-writer lock: an OS lock on `.lock` (flock on POSIX, LockFileEx on Windows, by `filelock`),
+    which the OS releases when the writer dies. The file names its holder for the refusal a second writer gets.
+
+    Windows locks byte 0 of the file and keeps the locked bytes from other readers, so the holder's line is
+    written after one padding byte, where another process can read it.
+    """
 
     def __init__(self, gallery: str | os.PathLike[str], command: str):
         self.path = Path(gallery) / LOCK_NAME
@@ -127,21 +133,33 @@ class WriterLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            locked = filelock.lock_descriptor(fd, blocking=False)
+        except BaseException:
             os.close(fd)
-            raise GalleryLockedError(f"gallery at {self.path.parent} is locked by {holder}") from None
+            raise
+        if not locked:
+            os.close(fd)
+            raise GalleryLockedError(f"gallery at {self.path.parent} is locked by {self.holder()}")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} ({self.command})\n".encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"\npid {os.getpid()} ({self.command})\n".encode())
         self._fd = fd
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it: "pid 4121 (fsw-index add)"."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(1)  # past the byte that Windows keeps locked
+                return f.read(200).decode(errors="replace").strip() or "another process"
+        except OSError:
+            return "another process"
 
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            filelock.unlock_descriptor(self._fd)
             os.close(self._fd)
             self._fd = None
 

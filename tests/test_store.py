@@ -139,6 +139,19 @@ def test_second_writer_is_told_who_holds_the_lock(tmp_path, person):
     GalleryWriter(g, SETTINGS).close()  # free again once the holder is gone
 
 
+def test_the_lock_of_a_killed_writer_is_free_again(tmp_path, person):
+    g = tmp_path / "g"
+    _build(g, [_photo("a.jpg", [Face((0, 1, 1, 0), person)])])
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(g), ready, release))
+    holder.start()
+    assert ready.wait(30)
+    holder.kill()  # SIGKILL: no release runs; the OS drops the lock with the process
+    holder.join(30)
+    GalleryWriter(g, SETTINGS, command="fsw-index add").close()
+
+
 def test_rows_past_the_manifest_are_ignored_then_cut(tmp_path, person):
     rng = np.random.default_rng(5)
     g = tmp_path / "g"
