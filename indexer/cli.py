@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from indexer.defaults import CHECKPOINT_S
 from indexer.pipeline import Summary, index_photos
 from indexer.progress import ProgressBar
 from matcher import layout
@@ -54,7 +55,7 @@ def _encoder_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--encoder", "engine", type=click.Choice(["onnx", "dlib"]), default="onnx", show_default=True,
                      help="Descriptor engine; both give the same descriptors."),
         click.option("--jobs", "-j", type=click.IntRange(1, 256), help="Encoder processes [default: every core]."),
-        click.option("--checkpoint-s", type=click.FloatRange(0), default=30.0, hidden=True,
+        click.option("--checkpoint-s", type=click.FloatRange(0), default=CHECKPOINT_S, hidden=True,
                      help="Seconds between commits of finished photos."),
     ]
     for option in reversed(options):

@@ -38,7 +38,8 @@ from indexer.labels import Label, LabelsError, read_labels
 from indexer.pipeline import Progress, index_photos
 from indexer.report import Report
 from indexer.scoring import Answer, Outcome, Row, Truth, above, count, details, face_checks
-from matcher import expansion, layout, rows
+from matcher import layout, rows
+from matcher.defaults import EXPANSION_MARGIN, EXPANSION_MIN_MATCHES
 from matcher.encoder import Encoder, EncoderSettings
 from matcher.errors import NoFaceError, SettingsMismatchError
 from matcher.expansion import expand_query
@@ -167,7 +168,7 @@ def evaluate(
             "selfie_encode_median": round(statistics.median(encode_ms), 1) if encode_ms else 0.0,
             "search_median": round(statistics.median(search_ms), 2) if search_ms else 0.0,
         },
-        expansion={"on": expand, "margin": expansion.MARGIN, "min_matches": expansion.MIN_MATCHES},
+        expansion={"on": expand, "margin": EXPANSION_MARGIN, "min_matches": EXPANSION_MIN_MATCHES},
     )
 
 
@@ -229,7 +230,6 @@ def _labelled_ids(g: Gallery, folder: Path, photos: list[Label]) -> dict[str, st
         raise LabelsError(f"{len(missing)} labelled gallery photos are not in the gallery at {folder} "
                           f"(e.g. {missing[0]}): give another --gallery folder, or none for a temporary one")
     return out
-
 
 
 def _encode_queries(encoder: Encoder, queries: list[Label]) -> tuple[list[QueryInput], list[float]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer.defaults import CHECKPOINT_S, JOBS, TASKS_PER_JOB
 from indexer.scan import ScanError, find_photos, photo_id
 from matcher import layout
 from matcher.encoder import Encoder, EncoderSettings, Face, cores
@@ -92,7 +93,7 @@ def index_photos(
     photo_root: Path | None = None,
     jobs: int | None = None,
     command: str = "build",
-    checkpoint_s: float = 30.0,
+    checkpoint_s: float = CHECKPOINT_S,
     on_progress: ProgressFn | None = None,
 ) -> Summary:
     """Index the photos at or under `paths` into `gallery`.
@@ -189,7 +190,7 @@ def _encode_all(
     checkpoint_s: float,
     on_progress: ProgressFn | None,
 ) -> None:
-    jobs = max(1, jobs or cores())
+    jobs = max(1, jobs or JOBS or cores())
     threads = max(1, cores() // jobs)
     last_commit = time.monotonic()
 
@@ -225,7 +226,7 @@ def _encode_all(
         try:
             for task in tasks:
                 pending.add(pool.submit(_encode, task))
-                if len(pending) >= jobs * 3:
+                if len(pending) >= jobs * TASKS_PER_JOB:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
                         record(f.result())
