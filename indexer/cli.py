@@ -277,10 +277,10 @@ def eval_(labels: Path, gallery: Path | None, out: Path, threshold: float, selfi
     """Measure recall and wrong photos on a labelled set (CSV: file,identity,split) at each threshold.
 
     Indexes the labelled gallery photos in place (or uses --gallery), runs every query as a worker job
-    would, prints a table and writes eval.json and eval.png to --out. See the README's "Accuracy".
+    would, prints a table and writes eval.json and eval.png to --out. See docs/accuracy.md.
 
     \b
-        fsw-index eval ../shared/faces/labels.csv --out eval-results
+        fsw-index eval tests/data/faces/labels.csv --out eval-results
     """
     from indexer.evaluate import evaluate
 
