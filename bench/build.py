@@ -28,8 +28,8 @@ from bench.galleries import SyntheticModel, encode_real, write_gallery
 from indexer.pipeline import Progress, index_photos
 from indexer.scan import find_photos
 from matcher import models
-from matcher.encoder import EncoderSettings, Face, cores
-from matcher.store import GalleryWriter, PendingPhoto
+from matcher.encoder import EncoderSettings, cores
+from matcher.writer import GalleryWriter, PendingPhoto
 
 TREE_VERSION = 1
 
@@ -179,8 +179,8 @@ def write_cost(results: list[tuple[Path, list, np.ndarray]]) -> dict[str, float]
         t = time.perf_counter()
         with GalleryWriter(Path(tmp) / "g", EncoderSettings().recorded(), Path(tmp), "bench", create=True) as w:
             for (path, rects, desc), sha in zip(results, hashes, strict=True):
-                faces = [Face((r.top(), r.right(), r.bottom(), r.left()), d) for r, d in zip(rects, desc, strict=True)]
-                w.add(PendingPhoto(path.name + sha[:8], sha, path.stat().st_size, 0.0, faces))
+                boxes = [(r.top(), r.right(), r.bottom(), r.left()) for r in rects]
+                w.add(PendingPhoto(path.name + sha[:8], sha, path.stat().st_size, 0.0, boxes, desc))
             w.commit()
         write_s = time.perf_counter() - t
     n = len(results)

@@ -1,7 +1,7 @@
 """Galleries of 1k to 1M faces for the benchmarks: the dev gallery's real faces plus synthetic ones.
 
 Encoding a million photos would take days on 2 cores, so the large galleries are the 19 real dev
-photos (encoded by fsw) plus synthetic 128-d descriptors written through `matcher.store.GalleryWriter`,
+photos (encoded by fsw) plus synthetic 128-d descriptors written through `matcher.writer.GalleryWriter`,
 exactly as `fsw-index` writes real ones. The synthetic descriptors are drawn to resemble real ones:
 Gaussian with the mean and covariance of the real descriptors (gallery and query faces; the covariance
 is shrunk towards its average variance because there are fewer faces than dimensions), then each is
@@ -34,7 +34,7 @@ from matcher import layout
 from matcher.encoder import Encoder, EncoderSettings, Face
 from matcher.images import load_image
 from matcher.query import selfie_descriptor
-from matcher.store import GalleryWriter, PendingPhoto
+from matcher.writer import GalleryWriter, PendingPhoto
 
 GENERATOR_VERSION = 3
 MARGIN = 0.55  # above the 0.5 match distance, with room for float32 rounding
@@ -250,16 +250,18 @@ def write_gallery(folder: Path, real: RealFaces | None, synthetic: np.ndarray, p
     with GalleryWriter(folder, EncoderSettings().recorded(), photo_root, "bench", create=True) as writer:
         if real is not None:
             for item, sha, faces in real.photos:
-                writer.add(PendingPhoto(f"real/{Path(item.file).name}", sha, item.path.stat().st_size, 0.0, faces))
-        box = (10, 110, 110, 10)
+                writer.add(PendingPhoto.from_faces(f"real/{Path(item.file).name}", sha, item.path.stat().st_size, 0.0,
+                                                   faces))
+        box = np.asarray([10, 110, 110, 10], np.int32)
         step = 1 << 18
         for lo in range(0, len(synthetic), step):
             block = synthetic[lo : lo + step]
             for k in range(0, len(block), faces_per_photo):
                 n = lo + k
-                faces = [Face(box, d) for d in block[k : k + faces_per_photo]]
+                descriptors = block[k : k + faces_per_photo]
                 pid = f"{photos_prefix}/s{n // 4000:04d}/p{n:07d}.jpg"
-                writer.add(PendingPhoto(pid, hashlib.sha256(pid.encode()).hexdigest(), 100_000, 0.0, faces))
+                writer.add(PendingPhoto(pid, hashlib.sha256(pid.encode()).hexdigest(), 100_000, 0.0,
+                                        np.tile(box, (len(descriptors), 1)), descriptors))
             if lo + step < len(synthetic):
                 writer.commit(final=False)  # bounds the writer's buffer; the last commit writes the index
         writer.commit(final=True)

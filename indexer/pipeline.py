@@ -20,16 +20,13 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from indexer.defaults import CHECKPOINT_S, JOBS, TASKS_PER_JOB
 from indexer.scan import ScanError, find_photos, photo_id
 from matcher import layout
-from matcher.encoder import Encoder, EncoderSettings, Face, cores
+from matcher.encoder import Encoder, EncoderSettings, cores
 from matcher.errors import FswError, ImageError
 from matcher.images import load_image
-from matcher.models import content_sha256
-from matcher.store import GalleryWriter, PendingPhoto
+from matcher.writer import GalleryWriter, PendingPhoto
 
 
 @dataclass
@@ -76,9 +73,10 @@ class _Task:
 
 @dataclass
 class _Encoded:
+    """An encoder process's answer: the photo's faces as arrays (they pickle small), or why it failed."""
+
     task: _Task
-    boxes: np.ndarray | None = None
-    descriptors: np.ndarray | None = None
+    photo: PendingPhoto | None = None
     error: str | None = None
 
 
@@ -156,7 +154,7 @@ def _tasks(
         queued: dict[str, str] = {}
         for path, pid, st in todo:
             try:
-                sha = content_sha256(path)
+                sha = layout.file_sha256(path)
             except OSError as e:
                 _skip(summary, progress, pid, f"cannot read file: {e.strerror}")
                 continue
@@ -201,13 +199,13 @@ def _encode_all(
             _skip(summary, progress, t.id, result.error)
         else:
             progress.done += 1
-            assert result.boxes is not None and result.descriptors is not None
-            faces = [Face(tuple(b), d) for b, d in zip(result.boxes.tolist(), result.descriptors, strict=True)]
-            writer.add(PendingPhoto(t.id, t.sha256, t.size, t.mtime, faces))  # type: ignore[arg-type]
+            assert result.photo is not None
+            writer.add(result.photo)
+            faces = result.photo.face_count
             summary.photos_indexed += 1
-            summary.faces += len(faces)
+            summary.faces += faces
             summary.photos_without_faces += not faces
-            progress.faces += len(faces)
+            progress.faces += faces
         if on_progress:
             on_progress(progress)
         if time.monotonic() - last_commit >= checkpoint_s:
@@ -261,7 +259,5 @@ def _encode(task: _Task) -> _Encoded:
         return _Encoded(task, error=str(e))
     except Exception as e:  # an encoder failure on one photo must not stop the build
         return _Encoded(task, error=f"encoder error: {type(e).__name__}: {e}")
-    boxes = np.asarray([f.box for f in faces], dtype=np.int32).reshape(-1, 4)
-    descriptors = np.asarray([f.descriptor for f in faces], dtype=np.float32).reshape(-1, 128)
-    return _Encoded(task, boxes, descriptors)
+    return _Encoded(task, PendingPhoto.from_faces(task.id, task.sha256, task.size, task.mtime, faces))
 

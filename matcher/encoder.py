@@ -17,7 +17,7 @@ import dlib
 import numpy as np
 from PIL import Image
 
-from matcher import models
+from matcher import layout, models
 from matcher.engines import DescriptorEngine, make_engine
 from matcher.errors import NoFaceError
 
@@ -58,18 +58,15 @@ class EncoderSettings:
     def recorded(self) -> dict[str, Any]:
         """The settings a gallery stores and checks: what makes two descriptors comparable."""
         return {
-            "model": models.file_sha256(models.descriptor_model_path()),
+            "model": models.model_sha256(models.descriptor_model_path()),
             "landmarks": "5-point",
-            "detector": self.detector,
-            "upsample": self.upsample,
-            "jitters": self.jitters,
-            "max_side": self.max_side,
+            **{k: getattr(self, k) for k in layout.ENCODER_FIELDS},
         }
 
     @classmethod
     def from_recorded(cls, recorded: dict[str, Any], **overrides: Any) -> EncoderSettings:
         """Settings matching a gallery's record, with per-process fields from `overrides`."""
-        keep = {k: recorded[k] for k in ("detector", "upsample", "jitters", "max_side") if k in recorded}
+        keep = {k: recorded[k] for k in layout.ENCODER_FIELDS if k in recorded}
         return cls(**{**keep, **overrides})
 
     def as_dict(self) -> dict[str, Any]:

@@ -20,6 +20,14 @@ class GalleryError(FswError):
     """A gallery folder that is missing, not a gallery, or damaged."""
 
 
+class ManifestError(GalleryError):
+    """No readable manifest: `problem` says what is wrong (`fsw-index verify` lists it), the message adds the fix."""
+
+    def __init__(self, problem: str, message: str):
+        super().__init__(message)
+        self.problem = problem
+
+
 class GalleryLockedError(GalleryError):
     """Another writer holds the gallery's lock."""
 

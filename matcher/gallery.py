@@ -1,9 +1,10 @@
 """A gallery opened for searching: the committed version, held in memory.
 
 `Gallery.open(folder)` loads what the manifest names: photo and face metadata from the row files (only
-the committed rows, see `store`) and the descriptors into a FAISS IndexFlatL2 (from the index file when
-there is one, plus any committed rows added after it). Any number of readers may open a gallery while its one
-writer (`store.GalleryWriter`) works; a reader never sees a half-written version.
+the committed rows, see `matcher.rows`) and the descriptors into a FAISS IndexFlatL2 (from the index file
+when there is one, plus any committed rows added after it). Any number of readers may open a gallery while
+its one writer (`matcher.writer.GalleryWriter`) works; a reader never sees a half-written version. The
+files: docs/gallery-format.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from matcher import layout, store
+from matcher import defaults, layout, rows
 from matcher.errors import GalleryError, StageError
 from matcher.search import (
     DEFAULT_THRESHOLD,
@@ -77,7 +78,7 @@ class Gallery:
         return int(self.face_live.sum())
 
     @classmethod
-    def open(cls, folder: str | Path, attempts: int = 20) -> Gallery:
+    def open(cls, folder: str | Path, attempts: int = defaults.GALLERY_OPEN_ATTEMPTS) -> Gallery:
         """Load the committed version. Retries briefly if a writer commits while we read."""
         folder = Path(folder)
         last: Exception | None = None
@@ -87,7 +88,7 @@ class Gallery:
                 gallery = cls._load(folder, manifest)
             except (OSError, KeyError, ValueError, RuntimeError) as e:
                 last = e
-                time.sleep(0.2)
+                time.sleep(defaults.GALLERY_OPEN_RETRY_S)
                 continue
             if layout.manifest_version(folder) in (manifest.version, None):
                 return gallery
@@ -96,14 +97,11 @@ class Gallery:
 
     @classmethod
     def _load(cls, folder: Path, m: layout.Manifest) -> Gallery:
-        rows = store.read_rows(folder, m, ("id", "removed_at"), ("photo", "box"))
-        ids = rows.photos["id"]
-        removed_at = rows.photos["removed_at"]
-        face_photo = rows.faces["photo"].astype(np.int32)
-        boxes = rows.faces["box"].astype(np.int32)
-        index = _load_index(folder, m)
-        live = (removed_at == 0) | (removed_at > m.version)
-        return cls(folder, m, ids, live, face_photo, boxes, index)
+        got = rows.read_rows(folder, m, ("id", "removed_at"), ("photo", "box"))
+        live = rows.live(got.photos["removed_at"], m.version)
+        face_photo = got.faces["photo"].astype(np.int32)
+        boxes = got.faces["box"].astype(np.int32)
+        return cls(folder, m, got.photos["id"], live, face_photo, boxes, _load_index(folder, m))
 
     def check_stage(self, stage: str | None) -> str:
         """The stage as a normalised folder id ('' for the whole gallery); StageError if it is not one."""
@@ -132,15 +130,15 @@ class Gallery:
         """
         threshold = check_threshold(threshold)
         stage = self.check_stage(stage)
-        rows, distances = range_search(self.index, self.vectors, descriptor, threshold)
-        keep = self.face_live[rows]
+        hits, distances = range_search(self.index, self.vectors, descriptor, threshold)
+        keep = self.face_live[hits]
         if stage or exclude:
             prefix = stage + "/"
-            ids = self.photo_ids[self.face_photo[rows]]
+            ids = self.photo_ids[self.face_photo[hits]]
             keep &= np.fromiter(
                 ((not stage or i.startswith(prefix)) and i not in exclude for i in ids), bool, len(ids)
             )
-        return best_per_photo(rows[keep], distances[keep], self.face_photo, self.photo_ids, self.face_boxes, limit)
+        return best_per_photo(hits[keep], distances[keep], self.face_photo, self.photo_ids, self.face_boxes, limit)
 
     def stats(self) -> GalleryStats:
         live_ids = self.photo_ids[self.photo_live]
@@ -160,7 +158,7 @@ def _load_index(folder: Path, m: layout.Manifest) -> faiss.IndexFlatL2:
             raise GalleryError(f"{m.index} holds {index.ntotal} faces, the manifest says {m.index_faces}")
     else:
         index = faiss.IndexFlatL2(128)
-    for block in store.iter_descriptors(folder, m, start=index.ntotal):
+    for block in rows.iter_descriptors(folder, m, start=index.ntotal):
         index.add(block)
     return index
 

@@ -1,28 +1,24 @@
-"""The files of a gallery folder, its manifest and its writer's lock.
+"""The files of a gallery folder: their names, the manifest, the writer's lock, atomic replacement, hashing.
 
-    gallery.h5          the source of truth, with the segments: the oldest rows (see `store`)
-    gallery-v<N>.h5     a segment: rows committed after gallery.h5, written by version N
-    index-v<N>.faiss    a FAISS IndexFlatL2 of the first `index_faces` face rows (a cache of the rows)
-    manifest.json       written last, by atomic rename: names the committed version, its files and counts
-    .lock               held (an OS lock, through filelock) by the one writer; records its pid and command
-    last-run.json       the summary of the last build or add
-
-No file is modified once a manifest names it (gallery.h5 is only ever replaced whole, by rename), and
-readers load what the manifest names, so a writer that dies before the rename leaves the previous
-version readable, and the next writer finds it intact.
+What each file holds and why no committed file is ever modified: docs/gallery-format.md. The row files
+are read by `matcher.rows` and written by `matcher.writer`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import filelock
 
-from matcher.errors import GalleryError, GalleryLockedError
+from matcher import defaults
+from matcher.errors import GalleryLockedError, ManifestError
 
 FORMAT = 2
 # Format 1 is format 2 without segments (gallery.h5 was appended in place); the writer upgrades it.
@@ -31,6 +27,12 @@ H5_NAME = "gallery.h5"
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
 SUMMARY_NAME = "last-run.json"
+
+# The encoder settings a gallery records, and a writer requires to match (`EncoderSettings.recorded()`): the
+# descriptor model's sha256, the landmarks that align faces, and the EncoderSettings fields that shape
+# descriptors. Other settings (engine, threads, the selfie's) may differ between processes.
+ENCODER_FIELDS = ("detector", "upsample", "jitters", "max_side")
+SETTINGS_KEYS = ("model", "landmarks", *ENCODER_FIELDS)
 
 
 @dataclass
@@ -53,6 +55,10 @@ class Manifest:
     format: int = FORMAT
 
 
+_KINDS: dict[str, type] = {"version": int, "photos": int, "faces": int, "index_faces": int, "settings": dict,
+                           "segments": list}
+
+
 def manifest_path(gallery: str | os.PathLike[str]) -> Path:
     return Path(gallery) / MANIFEST_NAME
 
@@ -62,28 +68,39 @@ def is_gallery(gallery: str | os.PathLike[str]) -> bool:
 
 
 def read_manifest(gallery: str | os.PathLike[str]) -> Manifest:
-    """The committed manifest; GalleryError when the folder is missing or not a gallery."""
+    """The committed manifest; ManifestError (a GalleryError) when the folder is missing or not a gallery,
+    or its manifest is unreadable, of an unknown format or malformed. `fsw-index verify` reports the
+    error's `problem`; everyone else its message, which adds the fix."""
     folder = Path(gallery)
+    build = f"build one with `fsw-index build PHOTOS --gallery {folder}`"
+    verify = f"run `fsw-index verify --gallery {folder}`"
     if not folder.is_dir():
-        raise GalleryError(f"no gallery at {folder}: build one with `fsw-index build PHOTOS --gallery {folder}`")
+        problem = f"no gallery at {folder}: the folder does not exist"
+        raise ManifestError(problem, f"{problem}; {build}")
     path = manifest_path(folder)
     if not path.is_file():
-        raise GalleryError(
-            f"{folder} is not an fsw gallery (no {MANIFEST_NAME}): "
-            f"build one with `fsw-index build PHOTOS --gallery {folder}`"
-        )
+        raise ManifestError(f"{MANIFEST_NAME} is missing: {folder} is not a gallery, or its manifest was deleted",
+                            f"{folder} is not an fsw gallery (no {MANIFEST_NAME}): {build}")
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise GalleryError(f"{path} is unreadable ({e}): run `fsw-index verify --gallery {folder}`") from None
-    if not isinstance(raw, dict) or raw.get("format") not in READABLE_FORMATS:
-        got = raw.get("format") if isinstance(raw, dict) else None
-        raise GalleryError(f"{path} has format {got!r}; this fsw reads formats {', '.join(map(str, READABLE_FORMATS))}")
+        problem = f"{MANIFEST_NAME} is not readable JSON ({e})"
+        raise ManifestError(problem, f"{path} is unreadable ({e}): {verify}") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{MANIFEST_NAME} is not a JSON object", f"{path} is not a JSON object: {verify}")
+    if raw.get("format") not in READABLE_FORMATS:
+        problem = (f"{MANIFEST_NAME} has format {raw.get('format')!r}; "
+                   f"this fsw reads formats {', '.join(map(str, READABLE_FORMATS))}")
+        raise ManifestError(problem, f"{folder}/{problem}")
+    bad = [k for k, kind in _KINDS.items() if k in raw and not (isinstance(raw[k], kind) and raw[k] is not True)]
+    bad += [k for k in ("version", "photos", "faces", "index_faces") if isinstance(raw.get(k), int) and raw[k] < 0]
+    if raw.get("index") is not None and not isinstance(raw["index"], str):
+        bad.append("index")
+    if bad:
+        problem = f"{MANIFEST_NAME}: malformed {', '.join(sorted(set(bad)))}"
+        raise ManifestError(problem, f"{folder}/{problem}: {verify}")
     known = set(Manifest.__dataclass_fields__)
-    try:
-        return Manifest(**{k: v for k, v in raw.items() if k in known})
-    except TypeError as e:
-        raise GalleryError(f"{path} is unreadable ({e}): run `fsw-index verify --gallery {folder}`") from None
+    return Manifest(**{k: v for k, v in raw.items() if k in known})
 
 
 def manifest_version(gallery: str | os.PathLike[str]) -> int | None:
@@ -95,19 +112,36 @@ def manifest_version(gallery: str | os.PathLike[str]) -> int | None:
 
 
 def write_manifest(gallery: str | os.PathLike[str], manifest: Manifest) -> None:
-    """Write the manifest atomically: temp file, fsync, rename, fsync of the folder."""
-    folder = Path(gallery)
-    atomic_write(folder / MANIFEST_NAME, json.dumps(asdict(manifest), indent=2, sort_keys=True))
+    """Publish a version: the manifest, replaced atomically."""
+    atomic_write(manifest_path(gallery), json.dumps(asdict(manifest), indent=2, sort_keys=True))
 
 
-def atomic_write(path: Path, text: str) -> None:
+# -- atomic replacement and hashing ---------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_replace(path: Path) -> Iterator[Path]:
+    """Write `path` whole or not at all: yields a temporary path beside it to write; then fsyncs that file,
+    renames it over `path` and fsyncs the folder, so that a crash leaves either the old file or the new one.
+
+    On an error the temporary file is removed; a process killed meanwhile leaves `.<name>.<pid>.tmp`, which
+    the next gallery writer removes.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Replace the file at `path` with `data` (text is written as utf-8), atomically: see `atomic_replace`."""
+    with atomic_replace(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def fsync_path(path: Path) -> None:
@@ -117,6 +151,18 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a file's content: a photo's identity for dedupe, an index file's checksum."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(defaults.HASH_BLOCK_BYTES), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- the writer's lock ----------------------------------------------------------------------------------
 
 
 class WriterLock:

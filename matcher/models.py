@@ -6,10 +6,11 @@ engine that ran it, so galleries built with dlib or ONNX Runtime are interchange
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from functools import cache
+
+from matcher import layout
 
 
 def _models():  # type: ignore[no-untyped-def]
@@ -39,21 +40,12 @@ def cnn_detector_path() -> str:
     return str(m.cnn_face_detector_model_location()) if (m := _models()) else ""
 
 
-def file_sha256(path: str) -> str:
-    """sha256 of a file, cached per (path, size, mtime): model files are hashed once per process."""
+def model_sha256(path: str) -> str:
+    """The identity of a model file: its sha256, hashed once per process per (path, size, mtime)."""
     st = os.stat(path)
-    return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    return _model_sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
 @cache
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    return content_sha256(path)
-
-
-def content_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 (hex) of a file's content, read in 1 MiB blocks; not cached (photos are hashed once)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _model_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return layout.file_sha256(path)

@@ -21,13 +21,11 @@ No converted model is shipped: it is always derived from the installed ``.dat`` 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import math
 import os
 import pathlib
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 
@@ -35,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from matcher import models
+from matcher import layout, models
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -732,7 +730,7 @@ def _resolve_dat(dat_path: str | os.PathLike[str] | None) -> pathlib.Path:
 
 def model_sha256(dat_path: str | None = None) -> str:
     """sha256 (hex) of the .dat file; memoized per (path, mtime, size) in this process."""
-    return models.file_sha256(str(_resolve_dat(dat_path)))
+    return models.model_sha256(str(_resolve_dat(dat_path)))
 
 
 def cache_dir() -> pathlib.Path:
@@ -772,22 +770,6 @@ def _is_current(path: pathlib.Path, sha: str) -> bool:
     return ok
 
 
-def _write_atomic(path: pathlib.Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared by the user's processes
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def convert(dat_path: str | os.PathLike[str] | None = None) -> onnx.ModelProto:
     """Parse the .dat file and build the ONNX model in memory (no caching)."""
     return build_onnx_model(parse_dlib_resnet(dat_path))
@@ -805,7 +787,8 @@ def converted_model_path(dat_path: str | None = None) -> pathlib.Path:
         if net.sha256 != sha:  # the file changed while we were looking at it
             raise ModelFormatError(f"dlib model file {source} changed during conversion")
         model = build_onnx_model(net)
-        _write_atomic(target, model.SerializeToString())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        layout.atomic_write(target, model.SerializeToString())
         st = target.stat()
         _validated[(str(target), st.st_mtime_ns, st.st_size)] = sha
     return target

@@ -16,13 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
-import h5py
 import numpy as np
 
-from matcher import layout, store
-from matcher.models import file_sha256
-
-SETTINGS_KEYS = ("model", "landmarks", "detector", "upsample", "jitters", "max_side")
+from matcher import defaults, layout, rows
+from matcher.errors import GalleryError, ManifestError
 
 
 @dataclass
@@ -58,7 +55,7 @@ def verify_gallery(folder: str | os.PathLike[str]) -> list[str]:
     return check_gallery(folder).problems
 
 
-def check_gallery(folder: str | os.PathLike[str], attempts: int = 5) -> Verdict:
+def check_gallery(folder: str | os.PathLike[str], attempts: int = defaults.VERIFY_ATTEMPTS) -> Verdict:
     """Check the committed version; checked again when a writer commits a new one meanwhile."""
     folder = Path(folder)
     verdict = Verdict(folder)
@@ -76,12 +73,12 @@ def _check(folder: Path) -> Verdict:
     if m is None:
         return v
     v.version, v.photos, v.faces, v.index, v.index_faces = m.version, m.photos, m.faces, m.index, m.index_faces
-    missing = [k for k in SETTINGS_KEYS if k not in m.settings]
+    missing = [k for k in layout.SETTINGS_KEYS if k not in m.settings]
     if m.settings and missing:
         v.problems.append(f"{layout.MANIFEST_NAME}: settings lack {', '.join(missing)}")
     try:
-        files = store.data_files(m)
-    except (KeyError, TypeError, ValueError, store.GalleryError) as e:
+        files = rows.data_files(m)
+    except (KeyError, TypeError, ValueError, GalleryError) as e:
         v.problems.append(f"{layout.MANIFEST_NAME}: segments are malformed ({e})")
         return v
     v.files = len(files)
@@ -92,47 +89,25 @@ def _check(folder: Path) -> Verdict:
 
 
 def _manifest(folder: Path, problems: list[str]) -> layout.Manifest | None:
-    path = layout.manifest_path(folder)
-    if not folder.is_dir():
-        problems.append(f"no gallery at {folder}: the folder does not exist")
-        return None
-    if not path.is_file():
-        problems.append(f"{layout.MANIFEST_NAME} is missing: {folder} is not a gallery, or its manifest was deleted")
-        return None
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        problems.append(f"{layout.MANIFEST_NAME} is not readable JSON ({e})")
+        m = layout.read_manifest(folder)
+    except ManifestError as e:
+        problems.append(e.problem)
         return None
-    if not isinstance(raw, dict):
-        problems.append(f"{layout.MANIFEST_NAME} is not a JSON object")
-        return None
-    if raw.get("format") not in layout.READABLE_FORMATS:
-        problems.append(f"{layout.MANIFEST_NAME} has format {raw.get('format')!r}; this fsw reads formats "
-                        f"{', '.join(map(str, layout.READABLE_FORMATS))}")
-        return None
-    kinds = {"version": int, "photos": int, "faces": int, "index_faces": int, "settings": dict, "segments": list}
-    bad = [k for k, kind in kinds.items() if k in raw and not (isinstance(raw[k], kind) and raw[k] is not True)]
-    bad += [k for k in ("version", "photos", "faces", "index_faces") if isinstance(raw.get(k), int) and raw[k] < 0]
-    if raw.get("index") is not None and not isinstance(raw["index"], str):
-        bad.append("index")
-    if bad:
-        problems.append(f"{layout.MANIFEST_NAME}: malformed {', '.join(sorted(set(bad)))}")
-        return None
-    if not raw.get("settings"):
+    if not m.settings:
         problems.append(f"{layout.MANIFEST_NAME} records no encoder settings")
-    return layout.read_manifest(folder)
+    return m
 
 
-def _check_file(folder: Path, f: store.DataFile, m: layout.Manifest, v: Verdict) -> bool:
+def _check_file(folder: Path, f: rows.DataFile, m: layout.Manifest, v: Verdict) -> bool:
     """Structure and row counts of one row file; False when its rows cannot be read."""
     path = folder / f.name
     if not path.is_file():
         v.problems.append(f"{f.name}: named by the manifest but missing")
         return False
     try:
-        with h5py.File(path, "r", locking=False) as h5:
-            absent = [f"{g}/{c}" for g, cols in (("photos", store.PHOTO_COLUMNS), ("faces", store.FACE_COLUMNS))
+        with rows.open_h5(path) as h5:
+            absent = [f"{g}/{c}" for g, cols in (("photos", rows.PHOTO_COLUMNS), ("faces", rows.FACE_COLUMNS))
                       for c in cols if f"{g}/{c}" not in h5]
             if absent:
                 v.problems.append(f"{f.name}: lacks {', '.join(absent)}")
@@ -161,12 +136,12 @@ def _check_file(folder: Path, f: store.DataFile, m: layout.Manifest, v: Verdict)
 def _check_rows(folder: Path, m: layout.Manifest, v: Verdict) -> np.ndarray | None:
     """Checks across the committed rows; returns their descriptors (None when unreadable)."""
     try:
-        rows = store.read_rows(folder, m, ("id", "faces", "removed_at"), ("photo",))
-        descriptors = np.concatenate([np.zeros((0, 128), np.float32), *store.iter_descriptors(folder, m)])
-    except (OSError, ValueError, KeyError, RuntimeError, store.GalleryError) as e:
+        got = rows.read_rows(folder, m, ("id", "faces", "removed_at"), ("photo",))
+        descriptors = np.concatenate([np.zeros((0, 128), np.float32), *rows.iter_descriptors(folder, m)])
+    except (OSError, ValueError, KeyError, RuntimeError, GalleryError) as e:
         v.problems.append(f"row files: committed rows cannot be read ({e})")
         return None
-    owner = rows.faces["photo"]
+    owner = got.faces["photo"]
     outside = np.flatnonzero((owner < 0) | (owner >= m.photos))
     if len(outside):
         r = int(outside[0])
@@ -174,19 +149,18 @@ def _check_rows(folder: Path, m: layout.Manifest, v: Verdict) -> np.ndarray | No
                           f"(first: face row {r} -> photo row {int(owner[r])})")
     else:
         counted = np.bincount(owner, minlength=m.photos)[: m.photos]
-        disagree = np.flatnonzero(counted != rows.photos["faces"])
+        disagree = np.flatnonzero(counted != got.photos["faces"])
         if len(disagree):
             r = int(disagree[0])
             v.problems.append(f"{len(disagree)} photos' face counts disagree with their face rows (first: "
-                              f"{rows.photos['id'][r]} says {int(rows.photos['faces'][r])}, rows hold {counted[r]})")
+                              f"{got.photos['id'][r]} says {int(got.photos['faces'][r])}, rows hold {counted[r]})")
     if len(descriptors) != m.faces:
         v.problems.append(f"row files hold {len(descriptors)} descriptors, the manifest names {m.faces} faces")
     elif not np.isfinite(descriptors).all():
         v.problems.append(f"{int((~np.isfinite(descriptors).all(axis=1)).sum())} descriptors are not finite")
-    removed_at = rows.photos["removed_at"]
-    live = (removed_at == 0) | (removed_at > m.version)
+    live = rows.live(got.photos["removed_at"], m.version)
     v.live_photos = int(live.sum())
-    ids, counts = np.unique(rows.photos["id"][live].astype(str), return_counts=True)
+    ids, counts = np.unique(got.photos["id"][live].astype(str), return_counts=True)
     if (counts > 1).any():
         v.problems.append(f"photo id {ids[counts > 1][0]} is live in {int(counts.max())} rows")
     return descriptors
@@ -203,7 +177,7 @@ def _check_index(folder: Path, m: layout.Manifest, v: Verdict, descriptors: np.n
         return
     if m.index_faces > m.faces:
         v.problems.append(f"{layout.MANIFEST_NAME}: index_faces {m.index_faces} exceeds its {m.faces} faces")
-    sha = file_sha256(str(path))
+    sha = layout.file_sha256(path)
     if sha != m.index_sha256:
         # a damaged index is not loaded: its header could ask FAISS for any amount of memory
         v.problems.append(f"{m.index}: sha256 {sha[:12]}... differs from the manifest's index_sha256 "

@@ -18,7 +18,7 @@ from matcher.errors import SettingsMismatchError
 from matcher.expansion import MARGIN, refine
 from matcher.gallery import Gallery
 from matcher.query import search_descriptor
-from matcher.store import GalleryWriter, PendingPhoto
+from matcher.writer import GalleryWriter, PendingPhoto
 
 BIN = Path(sys.executable).parent
 SETTINGS = {"model": "m1", "landmarks": "5-point", "detector": "hog", "upsample": 1, "jitters": 1, "max_side": 1600}
@@ -100,7 +100,7 @@ def _gallery(folder: Path, photos: dict[str, list[np.ndarray]]) -> Gallery:
     with GalleryWriter(folder, SETTINGS, folder.parent, create=True) as w:
         for i, (pid, vectors) in enumerate(photos.items()):
             faces = [Face((10, 60, 60, 10), np.asarray(v, np.float32)) for v in vectors]
-            w.add(PendingPhoto(pid, f"{i:064x}", 1000, 1.0, faces))
+            w.add(PendingPhoto.from_faces(pid, f"{i:064x}", 1000, 1.0, faces))
         w.commit()
     return Gallery.open(folder)
 

@@ -17,7 +17,7 @@ from matcher.encoder import EncoderSettings
 from matcher.errors import NoFaceError
 from matcher.gallery import Gallery
 from matcher.query import search_selfie
-from matcher.store import GalleryWriter
+from matcher.writer import GalleryWriter
 
 from conftest import STAGES, PhotoTree
 from images_util import sideways_with_exif, write_bad_files

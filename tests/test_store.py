@@ -14,7 +14,7 @@ from matcher import layout
 from matcher.encoder import Face
 from matcher.errors import GalleryError, GalleryLockedError, SettingsMismatchError, StageError
 from matcher.gallery import Gallery
-from matcher.store import GalleryWriter, PendingPhoto
+from matcher.writer import GalleryWriter, PendingPhoto
 
 SETTINGS = {"model": "m1", "landmarks": "5-point", "detector": "hog", "upsample": 1, "jitters": 1, "max_side": 1600}
 
@@ -30,7 +30,7 @@ def _face(rng: np.random.Generator, near: np.ndarray | None = None, d: float = 0
 
 
 def _photo(pid: str, faces: list[Face]) -> PendingPhoto:
-    return PendingPhoto(pid, f"{abs(hash(pid)):064x}"[:64], 1000, 1.0, faces)
+    return PendingPhoto.from_faces(pid, f"{abs(hash(pid)):064x}"[:64], 1000, 1.0, faces)
 
 
 @pytest.fixture

@@ -82,7 +82,7 @@ def test_a_flipped_byte_in_the_index_is_caught_by_checksum_and_by_its_vectors(co
     (copy / name).write_bytes(bytes(data))
     [problem] = verify_gallery(copy)
     assert problem.startswith(f"{name}: sha256 ")
-    from matcher.models import file_sha256
+    from matcher.layout import file_sha256
 
     _edit_manifest(copy, index_sha256=file_sha256(str(copy / name)))  # as if someone "fixed" the checksum
     faces = _manifest(copy)["faces"]

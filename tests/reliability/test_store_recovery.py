@@ -18,9 +18,10 @@ import pytest
 
 from matcher import layout
 from matcher.encoder import Face
+from matcher.errors import GalleryError
 from matcher.gallery import Gallery
-from matcher.store import GalleryWriter, PendingPhoto
 from matcher.verify import verify_gallery
+from matcher.writer import GalleryWriter, PendingPhoto
 
 from .writer_loop import SETTINGS, changes_at, content_hash, expected
 
@@ -33,7 +34,7 @@ def _commit_version(w: GalleryWriter, v: int, batch: int) -> None:
     c = changes_at(v, batch)
     w.remove(c.removed)
     for pid, faces in c.added.items():
-        w.add(PendingPhoto(pid, content_hash(pid, faces), 100, 1.0, [Face((1, 2, 3, 4), d) for d in faces]))
+        w.add(PendingPhoto.from_faces(pid, content_hash(pid, faces), 100, 1.0, [Face((1, 2, 3, 4), d) for d in faces]))
     w.commit(final=c.final)
 
 
@@ -131,7 +132,8 @@ def test_a_small_add_writes_a_small_file_and_files_stay_few(tmp_path):
     rng = np.random.default_rng(1)
     with GalleryWriter(folder, SETTINGS) as w:
         for i in range(60):
-            w.add(PendingPhoto(f"small/{i}.jpg", f"{i:064x}", 1, 1.0, [Face((1, 2, 3, 4), rng.normal(size=128))]))
+            w.add(PendingPhoto.from_faces(f"small/{i}.jpg", f"{i:064x}", 1, 1.0,
+                                          [Face((1, 2, 3, 4), rng.normal(size=128))]))
             w.commit()
             m = w.manifest
             assert len(m.segments) <= int(np.log2(m.photos + m.faces)) + 1
@@ -153,7 +155,7 @@ def test_a_build_killed_while_creating_the_gallery_can_be_run_again(tmp_path):
     other = tmp_path / "other"  # a gallery.h5 with rows and no manifest is not ours to replace
     _build(other, 1, 10)
     (other / layout.MANIFEST_NAME).unlink()
-    with pytest.raises(layout.GalleryError, match="not empty and not an fsw gallery"):
+    with pytest.raises(GalleryError, match="not empty and not an fsw gallery"):
         _build(other, 1, 10)
 
 
@@ -163,7 +165,8 @@ def test_a_run_committed_at_checkpoints_still_gets_its_index(tmp_path):
         for v in range(1, 4):
             c = changes_at(v, 20)
             for pid, faces in c.added.items():
-                w.add(PendingPhoto(pid, content_hash(pid, faces), 1, 1.0, [Face((1, 2, 3, 4), d) for d in faces]))
+                w.add(PendingPhoto.from_faces(pid, content_hash(pid, faces), 1, 1.0,
+                                              [Face((1, 2, 3, 4), d) for d in faces]))
             w.commit(final=False)
         version = w.manifest.version
         w.commit(final=True)  # what index_photos does at the end, with nothing left to add

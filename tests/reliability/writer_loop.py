@@ -70,7 +70,7 @@ def content_hash(pid: str, faces: np.ndarray) -> str:
 
 
 def _print_phases() -> None:
-    from matcher import layout, store
+    from matcher import layout, rows, writer
 
     def marked(phase: str, fn):  # type: ignore[no-untyped-def]
         def run(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -79,15 +79,15 @@ def _print_phases() -> None:
 
         return run
 
-    store._read_file = marked("reading row files (to merge them, or on opening)", store._read_file)
-    store._write_file = marked("writing a row file", store._write_file)
-    store.GalleryWriter._write_index = marked("writing the FAISS index", store.GalleryWriter._write_index)
+    rows.read_file = marked("reading row files (to merge them, or on opening)", rows.read_file)
+    writer._write_file = marked("writing a row file", writer._write_file)
+    writer.GalleryWriter._write_index = marked("writing the FAISS index", writer.GalleryWriter._write_index)
     layout.write_manifest = marked("writing the manifest", layout.write_manifest)
 
 
 def main() -> None:
     from matcher.encoder import Face
-    from matcher.store import GalleryWriter, PendingPhoto
+    from matcher.writer import GalleryWriter, PendingPhoto
 
     _print_phases()
 
@@ -105,7 +105,8 @@ def main() -> None:
             c = changes_at(v, args.batch)
             w.remove(c.removed)
             for pid, faces in c.added.items():
-                w.add(PendingPhoto(pid, content_hash(pid, faces), 100, 1.0, [Face((1, 2, 3, 4), d) for d in faces]))
+                w.add(PendingPhoto.from_faces(pid, content_hash(pid, faces), 100, 1.0,
+                                              [Face((1, 2, 3, 4), d) for d in faces]))
             w.commit(final=c.final)
             print("committed", w.manifest.version, flush=True)
 
