@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from indexer.defaults import CHECKPOINT_S
 from indexer.pipeline import Summary, index_photos
 from indexer.progress import ProgressBar
 from matcher import layout
@@ -54,7 +55,7 @@ def _encoder_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--encoder", "engine", type=click.Choice(["onnx", "dlib"]), default="onnx", show_default=True,
                      help="Descriptor engine; both give the same descriptors."),
         click.option("--jobs", "-j", type=click.IntRange(1, 256), help="Encoder processes [default: every core]."),
-        click.option("--checkpoint-s", type=click.FloatRange(0), default=30.0, hidden=True,
+        click.option("--checkpoint-s", type=click.FloatRange(0), default=CHECKPOINT_S, hidden=True,
                      help="Seconds between commits of finished photos."),
     ]
     for option in reversed(options):
@@ -276,10 +277,10 @@ def eval_(labels: Path, gallery: Path | None, out: Path, threshold: float, selfi
     """Measure recall and wrong photos on a labelled set (CSV: file,identity,split) at each threshold.
 
     Indexes the labelled gallery photos in place (or uses --gallery), runs every query as a worker job
-    would, prints a table and writes eval.json and eval.png to --out. See the README's "Accuracy".
+    would, prints a table and writes eval.json and eval.png to --out. See docs/accuracy.md.
 
     \b
-        fsw-index eval ../shared/faces/labels.csv --out eval-results
+        fsw-index eval tests/data/faces/labels.csv --out eval-results
     """
     from indexer.evaluate import evaluate
 
