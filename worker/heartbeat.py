@@ -20,10 +20,9 @@ import psutil
 from redis.asyncio import Redis
 
 from schemas import ONLINE_WINDOW_S, WORKERS_HASH, Heartbeat
+from worker.defaults import MAX_ID_SUFFIX
 
 log = logging.getLogger("fsw.worker")
-
-MAX_SUFFIX = 64
 _ID_MARK = "__FSW_WORKER_ID__"
 
 # KEYS[1]: the workers hash. ARGV: now (s), online window (s), the record with _ID_MARK for its id,
@@ -61,7 +60,7 @@ def base_worker_id(hostname: str, gpu_index: int | None) -> str:
     return f"{hostname}_gpu{gpu_index}_fr" if gpu_index is not None else f"{hostname}_cpu0_fr"
 
 
-def candidate_ids(base: str, count: int = MAX_SUFFIX) -> list[str]:
+def candidate_ids(base: str, count: int = MAX_ID_SUFFIX) -> list[str]:
     return [base] + [f"{base}_{n}" for n in range(2, count + 1)]
 
 
@@ -73,7 +72,7 @@ async def claim_worker_id(redis: Redis, base: str, record: Heartbeat, now: float
         _CLAIM, 1, WORKERS_HASH, str(now), str(ONLINE_WINDOW_S), template, *candidate_ids(base)
     )
     if not claimed:
-        raise WorkerIdError(f"{MAX_SUFFIX} live workers already hold {base} and its suffixes in '{WORKERS_HASH}'")
+        raise WorkerIdError(f"{MAX_ID_SUFFIX} live workers already hold {base} and its suffixes in '{WORKERS_HASH}'")
     return claimed.decode() if isinstance(claimed, bytes) else str(claimed)
 
 

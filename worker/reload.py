@@ -18,14 +18,15 @@ from pathlib import Path
 from matcher.errors import GalleryError
 from matcher.gallery import Gallery
 from matcher.layout import manifest_version
+from worker.defaults import RELOAD_POLL_S
 
 log = logging.getLogger("fsw.worker")
 
-POLL_S = 2.0
-
 
 class GalleryReloader:
-    def __init__(self, folder: Path, poll_s: float = POLL_S, open_gallery: Callable[[Path], Gallery] = Gallery.open):
+    def __init__(
+        self, folder: Path, poll_s: float = RELOAD_POLL_S, open_gallery: Callable[[Path], Gallery] = Gallery.open
+    ):
         self.folder = folder
         self.poll_s = poll_s
         self.current: Gallery | None = None

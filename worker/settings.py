@@ -3,7 +3,8 @@
 Variables (a `.env` file in the working directory is read first by the CLI, without overriding the
 environment): `REDIS_URL` (redis:// or rediss:// for TLS), or `REDIS_HOST`, `REDIS_PORT`,
 `REDIS_PASSWORD`; `FSW_QUEUE` (default face-search), `FSW_GALLERY` (default ./gallery),
-`WORKER_CONCURRENCY` (default 1), `GPU_INDEX` (unset: the CPU, or the GPU `--gpus` names).
+`WORKER_CONCURRENCY` (default 1), `GPU_INDEX` (unset: the CPU, or the GPU `--gpus` names),
+`FSW_CACHE_DIR` (converted ONNX models; default ~/.cache/fsw). Defaults: `worker.defaults`, `matcher.defaults`.
 The Redis password never appears in `repr` or in a log line: use `redis_display`.
 """
 
@@ -19,10 +20,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from redis.asyncio.connection import SSLConnection, parse_url
 
+from matcher.defaults import DEFAULT_GALLERY
 from schemas import QUEUE
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
-DEFAULT_GALLERY = Path("gallery")
+from worker.defaults import DEFAULT_CONCURRENCY, DEFAULT_REDIS_URL, MAX_CONCURRENCY, REDIS_CONNECT_TIMEOUT_S
 
 
 class SettingsError(ValueError):
@@ -36,16 +36,17 @@ class WorkerSettings:
     redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)
     queue: str = QUEUE
     gallery: Path = DEFAULT_GALLERY
-    concurrency: int = 1
+    concurrency: int = DEFAULT_CONCURRENCY
     gpu_index: int | None = None
+    cache_dir: Path | None = None  # converted ONNX models; None: matcher.defaults.CACHE_DIR
     hostname: str = field(default_factory=socket.gethostname)
     prefix: str = "bull"  # BullMQ's key prefix; the portal uses the default
 
     def __post_init__(self) -> None:
         if not self.queue:
             raise SettingsError("FSW_QUEUE is empty: name the BullMQ queue (the portal's is face-search)")
-        if not 1 <= self.concurrency <= 64:
-            raise SettingsError(f"WORKER_CONCURRENCY must be 1 to 64, not {self.concurrency}")
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise SettingsError(f"WORKER_CONCURRENCY must be 1 to {MAX_CONCURRENCY}, not {self.concurrency}")
         if self.gpu_index is not None and self.gpu_index < 0:
             raise SettingsError(f"GPU_INDEX must be 0 or more, not {self.gpu_index}")
         try:
@@ -66,6 +67,8 @@ class WorkerSettings:
             values["concurrency"] = _int(env, "WORKER_CONCURRENCY")
         if env.get("GPU_INDEX", "").strip():
             values["gpu_index"] = _int(env, "GPU_INDEX")
+        if env.get("FSW_CACHE_DIR"):
+            values["cache_dir"] = Path(env["FSW_CACHE_DIR"])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -93,7 +96,7 @@ class WorkerSettings:
             kwargs["ssl"] = True
         elif "path" in kwargs:
             kwargs["unix_socket_path"] = kwargs.pop("path")
-        kwargs.setdefault("socket_connect_timeout", 5)
+        kwargs.setdefault("socket_connect_timeout", REDIS_CONNECT_TIMEOUT_S)
         if client_name:
             kwargs["client_name"] = client_name
         return kwargs

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import deque
 
-RECENT = 200  # latencies kept for the medians
+from worker.defaults import LATENCY_WINDOW
 
 
 class WorkerStats:
@@ -22,8 +22,8 @@ class WorkerStats:
         self.cuda_oom_fallbacks = 0
         self.last_cuda_oom: float | None = None
         self._current: dict[str, float] = {}  # job id -> start, in start order
-        self._job_ms: deque[float] = deque(maxlen=RECENT)
-        self._search_ms: deque[float] = deque(maxlen=RECENT)
+        self._job_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._search_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._lock = threading.Lock()
 
     def job_started(self, job_id: str) -> None:

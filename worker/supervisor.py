@@ -18,9 +18,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-log = logging.getLogger("fsw.worker")
+from worker.defaults import RESTART_DELAY_S
 
-RESTART_DELAY_S = (1.0, 60.0)  # first and longest pause before restarting a crashed child
+log = logging.getLogger("fsw.worker")
 
 
 class DeviceError(ValueError):
