@@ -26,6 +26,7 @@ from matcher.encoder import Encoder
 from matcher.gallery import Gallery
 from matcher.query import search_selfie, selfie_descriptor
 from matcher.search import DEFAULT_THRESHOLD, best_per_photo
+from schemas import dump_result
 
 OLD_JITTERS = 4
 OLD_MODEL = "large"
@@ -39,7 +40,7 @@ def job_payload(image: str, uid: str = "bench@example.edu", stage: str = "") -> 
 def fsw_job(gallery: Gallery, encoder: Encoder, payload: dict[str, object]) -> str:
     image = decode_data_url(str(payload["image"]))
     matches = search_selfie(gallery, encoder, image, str(payload["stage"]), DEFAULT_THRESHOLD)
-    return json.dumps([m.to_dict() for m in matches])
+    return json.dumps(dump_result(matches))
 
 
 class NumpyScan:
@@ -55,7 +56,7 @@ class NumpyScan:
         rows = np.flatnonzero(d < 1.0 - DEFAULT_THRESHOLD)
         g = self.gallery
         matches = best_per_photo(rows, d[rows].astype(np.float64), g.face_photo, g.photo_ids, g.face_boxes)
-        return json.dumps([m.to_dict() for m in matches])
+        return json.dumps(dump_result(matches))
 
 
 def old_way_photo(path: Path) -> np.ndarray:

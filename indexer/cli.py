@@ -20,14 +20,14 @@ from indexer.defaults import CHECKPOINT_S
 from indexer.pipeline import Summary, index_photos
 from indexer.progress import ProgressBar
 from matcher import layout
+from matcher.defaults import DEFAULT_GALLERY
 from matcher.encoder import Encoder, EncoderSettings, default_detector
 from matcher.errors import FswError
 from matcher.gallery import Gallery
 from matcher.query import search_selfie
 from matcher.search import DEFAULT_THRESHOLD
 from matcher.writer import GalleryWriter
-
-DEFAULT_GALLERY = "gallery"
+from schemas import dump_result
 
 
 def _gallery_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -191,10 +191,10 @@ def search(selfie: Path, gallery: Path, stage: str, threshold: float, limit: int
         fsw-index search me.jpg --stage Day-1/Morning --json
     """
     g = Gallery.open(gallery)
-    encoder = Encoder(EncoderSettings.from_recorded(g.settings, engine=engine))
+    encoder = Encoder(EncoderSettings.from_recorded(g.settings, engine=engine, cache_dir=_cache_dir()))
     matches = search_selfie(g, encoder, selfie, stage, threshold, limit)
     if as_json:
-        click.echo(json.dumps([m.to_dict() for m in matches]))
+        click.echo(json.dumps(dump_result(matches)))
         return
     if not matches:
         click.echo("no photos found")
@@ -204,9 +204,14 @@ def search(selfie: Path, gallery: Path, stage: str, threshold: float, limit: int
 
 def _settings(options: dict[str, Any], recorded: dict[str, Any] | None) -> EncoderSettings:
     """Settings from flags; for an existing gallery, the gallery's values where a flag is not given."""
-    given = {k: v for k, v in options.items() if v is not None}
+    given = {"cache_dir": _cache_dir(), **{k: v for k, v in options.items() if v is not None}}
     base = EncoderSettings.from_recorded(recorded).as_dict() if recorded else {"detector": default_detector()}
     return EncoderSettings(**{**base, **given})
+
+
+def _cache_dir() -> str | None:
+    """Where converted ONNX models are cached: FSW_CACHE_DIR, read here at the edge (None: the default)."""
+    return os.environ.get("FSW_CACHE_DIR") or None
 
 
 def _recorded_if_gallery(gallery: Path) -> dict[str, Any] | None:

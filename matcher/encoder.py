@@ -29,7 +29,8 @@ class EncoderSettings:
     """How faces are found and encoded.
 
     The fields in `recorded()` shape the descriptors and are stored in a gallery; `add` refuses other
-    values. `engine`, `threads` and the selfie fields are per process and may differ freely.
+    values. `engine`, `threads`, `cache_dir` (where the ONNX engine's converted model is cached; None:
+    `matcher.defaults.CACHE_DIR`) and the selfie fields are per process and may differ freely.
     `selfie_mirror` and `selfie_expansion` are applied by `matcher.query` (the selfie's mirror view averaged
     in; query expansion, see `matcher.expansion`); the README's "Accuracy" section gives their measured worth.
     """
@@ -44,6 +45,7 @@ class EncoderSettings:
     selfie_jitters: int = 1
     selfie_mirror: bool = True
     selfie_expansion: bool = True
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.detector not in ("hog", "cnn"):
@@ -70,7 +72,12 @@ class EncoderSettings:
         return cls(**{**keep, **overrides})
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields by name; `cache_dir` only when set (where a model is cached shapes no descriptor,
+        and reports of the settings need not name the default folder)."""
+        fields = asdict(self)
+        if fields["cache_dir"] is None:
+            del fields["cache_dir"]
+        return fields
 
 
 @dataclass
@@ -94,7 +101,7 @@ class Encoder:
         self._hog = dlib.get_frontal_face_detector()
         self._cnn: Any = None
         self._landmarks = dlib.shape_predictor(models.landmarks_model_path(5))
-        self.engine = engine or make_engine(self.settings.engine, self.settings.threads)
+        self.engine = engine or make_engine(self.settings.engine, self.settings.threads, self.settings.cache_dir)
 
     def faces(self, image: np.ndarray) -> list[Face]:
         """Every face in a photo, with the gallery settings (detection size, upsample, jitters)."""
@@ -102,13 +109,12 @@ class Encoder:
         rects = self.detect(image, s.max_side, s.upsample)
         return self.describe(image, rects, s.jitters)
 
-    def selfie(self, image: np.ndarray) -> Face:
+    def find_selfie(self, image: np.ndarray) -> dlib.rectangle:
         """The selfie's face: detection at `selfie_max_side`, retried with more upsampling for a
         small face; with several faces, the largest. Raises NoFaceError when there is none."""
-        s = self.settings
         rects: list[dlib.rectangle] = []
         for upsample in (1, 2):
-            rects = self.detect(image, s.selfie_max_side, upsample)
+            rects = self.detect(image, self.settings.selfie_max_side, upsample)
             if rects:
                 break
         if not rects:
@@ -116,8 +122,12 @@ class Encoder:
                 "no face found in the selfie: use a well-lit photo, facing the camera, with the face "
                 "filling a good part of the picture"
             )
-        largest = max(rects, key=lambda r: r.area())
-        return self.describe(image, [largest], s.selfie_jitters)[0]
+        return max(rects, key=lambda r: r.area())
+
+    def selfie(self, image: np.ndarray) -> Face:
+        """The selfie's face alone, encoded. A search's query descriptor is `matcher.query`'s, which adds
+        the mirror view; this is the face without it (the bench compares the two)."""
+        return self.describe(image, [self.find_selfie(image)], self.settings.selfie_jitters)[0]
 
     def detect(self, image: np.ndarray, max_side: int, upsample: int) -> list[dlib.rectangle]:
         """Face rectangles in the original image's pixels, found on a copy scaled to `max_side`."""
@@ -144,15 +154,16 @@ class Encoder:
         """Align each rectangle with the 5-point model, cut its chip and encode all chips in one batch."""
         if not rects:
             return []
-        chips = [
-            dlib.get_face_chip(image, self._landmarks(image, r), size=150, padding=0.25) for r in rects
-        ]
-        descriptors = self.engine.describe(chips, jitters)
+        descriptors = self.engine.describe(self.chips(image, rects), jitters)
         height, width = image.shape[:2]
         return [
-            Face(_trim_box(r, width, height), np.asarray(d, dtype=np.float32))
+            Face(trim_box(r, width, height), np.asarray(d, dtype=np.float32))
             for r, d in zip(rects, descriptors, strict=True)
         ]
+
+    def chips(self, image: np.ndarray, rects: list[dlib.rectangle]) -> list[np.ndarray]:
+        """Each rectangle aligned with the 5-point model and cut into a 150 px chip (padding 0.25)."""
+        return [dlib.get_face_chip(image, self._landmarks(image, r), size=150, padding=0.25) for r in rects]
 
     def _cnn_detector(self) -> Any:
         if self._cnn is None:
@@ -173,5 +184,6 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def _trim_box(r: dlib.rectangle, width: int, height: int) -> Box:
+def trim_box(r: dlib.rectangle, width: int, height: int) -> Box:
+    """A detector's rectangle as a face's box: (top, right, bottom, left), clamped to the image."""
     return (max(r.top(), 0), min(r.right(), width), min(r.bottom(), height), max(r.left(), 0))

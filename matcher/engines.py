@@ -39,12 +39,13 @@ class DlibEngine:
         return np.asarray([np.asarray(d) for d in out], dtype=np.float32)
 
 
-def make_engine(name: str = "onnx", threads: int | None = None) -> DescriptorEngine:
-    """The engine called `name` ('onnx' or 'dlib'); `threads` bounds ONNX Runtime's thread pool."""
+def make_engine(name: str = "onnx", threads: int | None = None, cache_dir: str | None = None) -> DescriptorEngine:
+    """The engine called `name` ('onnx' or 'dlib'); `threads` bounds ONNX Runtime's thread pool, and
+    `cache_dir` is where its converted model is cached (None: `matcher.defaults.CACHE_DIR`)."""
     if name == "dlib":
         return DlibEngine()
     if name == "onnx":
         from matcher.onnx_engine import OnnxEngine
 
-        return OnnxEngine(threads=threads)
+        return OnnxEngine(threads=threads, cache_dir=cache_dir)
     raise ValueError(f"unknown encoder engine {name!r}: use 'onnx' or 'dlib'")

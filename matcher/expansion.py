@@ -26,7 +26,7 @@ import numpy as np
 from matcher.defaults import EXPANSION_MARGIN as MARGIN
 from matcher.defaults import EXPANSION_MIN_MATCHES as MIN_MATCHES
 from matcher.gallery import Gallery
-from matcher.search import check_threshold, exact_distances, range_search
+from matcher.search import best_face_per_photo, check_threshold, exact_distances, range_search
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,6 @@ def refine(
         return Expansion(unchanged, np.zeros(0, np.int64), rejected)
     refined = (q + faces[used].sum(axis=0)) / (1 + len(used))
     return Expansion(refined.astype(np.float32), used.astype(np.int64), rejected)
-
-
-def best_face_per_photo(rows: np.ndarray, distances: np.ndarray, face_photo: np.ndarray) -> np.ndarray:
-    """Of `rows` (faces, with their distances), the closest face of each photo, in ascending row order."""
-    if len(rows) == 0:
-        return np.zeros(0, np.int64)
-    order = np.lexsort((rows, distances))
-    _, first = np.unique(face_photo[rows[order]], return_index=True)
-    return np.sort(rows[order][first])
 
 
 def expand_query(

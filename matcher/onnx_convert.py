@@ -12,7 +12,8 @@ of 1e-7) in a few milliseconds.  This module is the converter:
   ``uint8`` face chips (``(N, 150, 150, 3)``, as returned by ``dlib.get_face_chip``) and returns
   ``(N, 128)`` float32 descriptors; dlib's input normalization is part of the graph;
 * :func:`converted_model_path` converts once and caches the result on disk, keyed by the sha256 of
-  the ``.dat`` file (``$FSW_CACHE_DIR``, default ``~/.cache/fsw``).
+  the ``.dat`` file, in the folder the caller names (default ``matcher.defaults.CACHE_DIR``,
+  ``~/.cache/fsw``; the CLI, the worker and ``main`` here read ``$FSW_CACHE_DIR``).
 
 Run ``python -m matcher.onnx_convert`` to convert (if needed) and print the cached model's path.
 No converted model is shipped: it is always derived from the installed ``.dat`` file.
@@ -34,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from matcher import layout, models
+from matcher.defaults import CACHE_DIR
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -733,14 +735,9 @@ def model_sha256(dat_path: str | None = None) -> str:
     return models.model_sha256(str(_resolve_dat(dat_path)))
 
 
-def cache_dir() -> pathlib.Path:
-    """``$FSW_CACHE_DIR``, default ``~/.cache/fsw``."""
-    configured = os.environ.get("FSW_CACHE_DIR")
-    return pathlib.Path(configured).expanduser() if configured else pathlib.Path.home() / ".cache" / "fsw"
-
-
-def _cached_path(sha: str) -> pathlib.Path:
-    return cache_dir() / f"dlib_resnet_{sha[:16]}.onnx"
+def _cached_path(sha: str, cache_dir: str | os.PathLike[str] | None) -> pathlib.Path:
+    folder = pathlib.Path(cache_dir if cache_dir else CACHE_DIR).expanduser()
+    return folder / f"dlib_resnet_{sha[:16]}.onnx"
 
 
 def _model_metadata(path: pathlib.Path) -> dict[str, str] | None:
@@ -775,11 +772,16 @@ def convert(dat_path: str | os.PathLike[str] | None = None) -> onnx.ModelProto:
     return build_onnx_model(parse_dlib_resnet(dat_path))
 
 
-def converted_model_path(dat_path: str | None = None) -> pathlib.Path:
-    """The cached ONNX conversion of the .dat file, converting it first if needed."""
+def converted_model_path(
+    dat_path: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> pathlib.Path:
+    """The cached ONNX conversion of the .dat file, converting it first if needed.
+
+    cache_dir: the folder of converted models (None: ``matcher.defaults.CACHE_DIR``).
+    """
     source = _resolve_dat(dat_path)
     sha = model_sha256(str(source))
-    target = _cached_path(sha)
+    target = _cached_path(sha, cache_dir)
     with _convert_lock:
         if _is_current(target, sha):
             return target
@@ -804,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        path = converted_model_path(args.dat)
+        path = converted_model_path(args.dat, os.environ.get("FSW_CACHE_DIR") or None)  # the edge reads the env
     except (ModelFormatError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -26,13 +26,14 @@ class OnnxEngine:
 
     ``threads`` sets ONNX Runtime's intra-op thread count (None: one per core); ``device`` is
     ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when onnxruntime offers it, else CPU).  On CUDA,
-    TF32 is disabled: it would move descriptors by up to 3e-4.
+    TF32 is disabled: it would move descriptors by up to 3e-4.  ``cache_dir`` is where the converted
+    model is cached (None: ``matcher.defaults.CACHE_DIR``).
     """
 
     name = "onnx"
     max_batch = ONNX_MAX_BATCH  # chips per ONNX Runtime call; larger batches are split
 
-    def __init__(self, threads: int | None = None, device: str = "auto") -> None:
+    def __init__(self, threads: int | None = None, device: str = "auto", cache_dir: str | None = None) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
         if threads is not None and threads < 1:
@@ -55,7 +56,7 @@ class OnnxEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: no warnings about providers falling back
 
-        self.model_path = onnx_convert.converted_model_path()
+        self.model_path = onnx_convert.converted_model_path(cache_dir=cache_dir)
         model = str(self.model_path)
         try:
             self._session = ort.InferenceSession(model, sess_options=options, providers=providers)

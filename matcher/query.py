@@ -1,13 +1,19 @@
 """A selfie's search: the one path that `fsw-index search` and every worker job take.
 
-decode (EXIF-upright RGB, size-checked) -> the selfie's face -> its query descriptor -> gallery search.
+    the selfie's bytes (or file) -> `load_selfie`: EXIF-upright RGB, at most SELFIE_MAX_PIXELS (refused
+        from the header) and at least MIN_SELFIE_SIDE on each side                   -> "decoded"
+    -> the selfie's face (`Encoder.find_selfie`: the largest)                        -> "face_found"
+    -> its query descriptor (the face and its mirror view, one engine call)          -> "encoded"
+    -> query expansion and the gallery search (`search_descriptor`)                  -> "searched"
+
+`search_selfie` runs it all; `on_progress(stage)` is called with each stage's name as it is passed (the
+names are the keys of the job contract's `schemas.PROGRESS`), from the thread the search runs in.
 
 The query descriptor, with the default settings:
-- the selfie's face is found and encoded as `Encoder.selfie` does (with `selfie_jitters` jittered copies
-  averaged when above 1);
+- the selfie's face is found at `selfie_max_side` and encoded with `selfie_jitters`;
 - `selfie_mirror`: the same face in the left-right mirrored selfie (same box, mirrored; landmarks fitted
-  again) is encoded too, and the two descriptors are averaged. A deterministic test-time augmentation:
-  the same selfie always gives the same descriptor, unlike random jitter;
+  again) is encoded too, in the same engine call, and the two descriptors are averaged. A deterministic
+  test-time augmentation: the same selfie always gives the same descriptor, unlike random jitter;
 - `selfie_expansion`: the descriptor is refined with the gallery faces it matched with high
   confidence (`matcher.expansion`), and the search runs with the refined descriptor.
 Every result has `similarity = 1 - |query descriptor - face descriptor| > threshold`.
@@ -16,29 +22,62 @@ Every result has `similarity = 1 - |query descriptor - face descriptor| > thresh
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Literal
 
 import dlib
 import numpy as np
 
-from matcher.defaults import DEFAULT_THRESHOLD, SELFIE_MAX_PIXELS
-from matcher.encoder import Encoder
+from matcher.defaults import DEFAULT_THRESHOLD, MIN_SELFIE_SIDE, SELFIE_MAX_PIXELS
+from matcher.encoder import Encoder, trim_box
+from matcher.errors import ImageError
 from matcher.expansion import expand_query
 from matcher.gallery import Gallery
 from matcher.images import load_image
 from matcher.search import Match
 
+Stage = Literal["decoded", "face_found", "encoded", "searched"]
+STAGES: tuple[Stage, ...] = ("decoded", "face_found", "encoded", "searched")
+OnProgress = Callable[[Stage], None]
+# A selfie: its file, its bytes, an image already decoded, or a function that gives its bytes (called once
+# the stage is known to exist, so a job's base64 is decoded only for a search that can run).
+Selfie = bytes | str | os.PathLike[str] | np.ndarray
+SelfieSource = Selfie | Callable[[], bytes]
 
-def selfie_descriptor(encoder: Encoder, selfie: bytes | str | os.PathLike[str] | np.ndarray) -> np.ndarray:
-    """The descriptor of the selfie's face. Raises ImageError or NoFaceError with a reason."""
+
+def load_selfie(selfie: Selfie) -> np.ndarray:
+    """The selfie as an upright RGB array, within the selfie's limits; ImageError with the reason if not."""
     image = selfie if isinstance(selfie, np.ndarray) else load_image(selfie, max_pixels=SELFIE_MAX_PIXELS)
-    face = encoder.selfie(image)
-    if not encoder.settings.selfie_mirror:
-        return face.descriptor
-    top, right, bottom, left = face.box
-    width = image.shape[1]
-    mirrored = dlib.rectangle(width - 1 - right, top, width - 1 - left, bottom)
-    mirror = encoder.describe(np.ascontiguousarray(image[:, ::-1]), [mirrored], encoder.settings.selfie_jitters)[0]
-    return ((face.descriptor.astype(np.float64) + mirror.descriptor) / 2).astype(np.float32)
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_SELFIE_SIDE:
+        raise ImageError(
+            f"image too small: {width}x{height} pixels: send a selfie at least {MIN_SELFIE_SIDE} pixels "
+            "on each side, with the face filling a good part of it"
+        )
+    return image
+
+
+def selfie_descriptor(encoder: Encoder, selfie: Selfie, on_progress: OnProgress | None = None) -> np.ndarray:
+    """The query descriptor of the selfie's face (float32[128]). Raises ImageError or NoFaceError."""
+    report = on_progress or _quiet
+    image = load_selfie(selfie)
+    report("decoded")
+    box = encoder.find_selfie(image)
+    report("face_found")
+    chips = encoder.chips(image, [box])
+    if encoder.settings.selfie_mirror:
+        height, width = image.shape[:2]
+        top, right, bottom, left = trim_box(box, width, height)
+        mirrored = dlib.rectangle(width - 1 - right, top, width - 1 - left, bottom)
+        chips += encoder.chips(np.ascontiguousarray(image[:, ::-1]), [mirrored])
+    # one engine call for both views: a selfie's encoding runs, or falls back to the CPU, as one
+    descriptors = np.asarray(encoder.engine.describe(chips, encoder.settings.selfie_jitters), dtype=np.float32)
+    if len(descriptors) == 1:
+        descriptor = descriptors[0]
+    else:
+        descriptor = ((descriptors[0].astype(np.float64) + descriptors[1]) / 2).astype(np.float32)
+    report("encoded")
+    return descriptor
 
 
 def search_descriptor(
@@ -63,16 +102,40 @@ def search_descriptor(
 def search_selfie(
     gallery: Gallery,
     encoder: Encoder,
-    selfie: bytes | str | os.PathLike[str] | np.ndarray,
+    selfie: SelfieSource,
     stage: str | None = "",
     threshold: float = DEFAULT_THRESHOLD,
     limit: int | None = None,
     exclude: frozenset[str] | set[str] = frozenset(),
+    on_progress: OnProgress | None = None,
 ) -> list[Match]:
-    """Photos of the selfie's person, best first, one entry per photo."""
-    gallery.check_stage(stage)  # an unknown stage fails before the costly encode
-    descriptor = selfie_descriptor(encoder, selfie)
-    return search_descriptor(gallery, descriptor, stage, threshold, limit, exclude, encoder.settings.selfie_expansion)
+    """Photos of the selfie's person, best first, one entry per photo.
+
+    Raises StageError (before anything costly), ImageError or NoFaceError with a reason a person can act
+    on; `on_progress` hears each stage of the module's sequence as it is passed.
+    """
+    gallery.check_stage(stage)
+    image = selfie() if callable(selfie) else selfie
+    descriptor = selfie_descriptor(encoder, image, on_progress)
+    matches = search_descriptor(
+        gallery, descriptor, stage, threshold, limit, exclude, encoder.settings.selfie_expansion
+    )
+    (on_progress or _quiet)("searched")
+    return matches
 
 
-__all__ = ["search_descriptor", "search_selfie", "selfie_descriptor"]
+def _quiet(stage: Stage) -> None:
+    """The progress callback when nobody listens."""
+
+
+__all__ = [
+    "STAGES",
+    "OnProgress",
+    "Selfie",
+    "SelfieSource",
+    "Stage",
+    "load_selfie",
+    "search_descriptor",
+    "search_selfie",
+    "selfie_descriptor",
+]

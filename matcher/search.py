@@ -22,14 +22,14 @@ _WIDEN = 1e-4  # relative: far above float32 rounding (~1e-6), far below any rea
 
 @dataclass(frozen=True)
 class Match:
-    """One photo in a result: its id, the similarity of its best face, and that face's box."""
+    """One photo in a result: its id, the similarity of its best face, and that face's box.
+
+    `schemas.dump_result` turns a list of them into the result a job returns (the contract's one serialiser).
+    """
 
     id: str
     similarity: float
     box: tuple[int, int, int, int]
-
-    def to_dict(self) -> dict[str, object]:
-        return {"id": self.id, "similarity": self.similarity, "box": list(self.box)}
 
 
 def radius_for(threshold: float) -> float:
@@ -87,15 +87,25 @@ def best_per_photo(
     limit: int | None = None,
 ) -> list[Match]:
     """One Match per photo (its closest face), best first; ties broken by id for a stable order."""
-    order = np.lexsort((rows, distances))
-    seen: set[int] = set()
-    out: list[Match] = []
-    for i in order:
-        photo = int(face_photo[rows[i]])
-        if photo in seen:
-            continue
-        seen.add(photo)
-        top, right, bottom, left = (int(v) for v in boxes[rows[i]])
-        out.append(Match(str(photo_ids[photo]), float(1.0 - distances[i]), (top, right, bottom, left)))
+    out = []
+    for i in _closest_per_photo(rows, distances, face_photo):
+        row = rows[i]
+        top, right, bottom, left = (int(v) for v in boxes[row])
+        out.append(Match(str(photo_ids[face_photo[row]]), float(1.0 - distances[i]), (top, right, bottom, left)))
     out.sort(key=lambda m: (-m.similarity, m.id))
     return out if limit is None else out[:limit]
+
+
+def best_face_per_photo(rows: np.ndarray, distances: np.ndarray, face_photo: np.ndarray) -> np.ndarray:
+    """Of `rows` (faces, with their distances), the closest face of each photo, in ascending row order."""
+    if len(rows) == 0:
+        return np.zeros(0, np.int64)
+    return np.sort(rows[_closest_per_photo(rows, distances, face_photo)])
+
+
+def _closest_per_photo(rows: np.ndarray, distances: np.ndarray, face_photo: np.ndarray) -> np.ndarray:
+    """Positions in `rows` of each photo's closest face; of equally close faces, the lowest row (a person
+    is in a photo once, so a photo counts by its best face)."""
+    order = np.lexsort((rows, distances))
+    _, first = np.unique(face_photo[rows[order]], return_index=True)
+    return order[first]

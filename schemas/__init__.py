@@ -10,7 +10,6 @@ from typing import Any
 
 from schemas.heartbeat import (
     ENGINE,
-    HEARTBEAT_INTERVAL_S,
     ONLINE_WINDOW_S,
     WORKERS_HASH,
     Heartbeat,
@@ -29,6 +28,7 @@ from schemas.job import (
     JobDataError,
     MatchEntry,
     SearchResult,
+    dump_result,
     explain,
     parse_job,
     stage_problem,
@@ -48,7 +48,6 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "ENGINE",
     "EXCLUDED_SET",
-    "HEARTBEAT_INTERVAL_S",
     "JOB_NAME",
     "MAX_IMAGE_CHARS",
     "MAX_THRESHOLD",
@@ -64,6 +63,7 @@ __all__ = [
     "MatchEntry",
     "SearchResult",
     "WorkerStatus",
+    "dump_result",
     "explain",
     "json_schemas",
     "parse_job",

@@ -1,8 +1,9 @@
 """The heartbeat record: what each worker writes to the Redis hash `workers` for the admin dashboard.
 
-Every 5 s a worker runs `HSET workers <id> <json of Heartbeat>`. The first block of fields is the
-portal dashboard's (the old Python worker wrote them, the dashboard reads them); the second is fsw's
-own. The dashboard calls a worker online when `last_heartbeat` is under `ONLINE_WINDOW_S` old.
+Every 5 s (`worker.defaults.HEARTBEAT_INTERVAL_S`) a worker runs `HSET workers <id> <json of Heartbeat>`.
+The first block of fields is the portal dashboard's (the old Python worker wrote them, the dashboard
+reads them); the second is fsw's own. The dashboard calls a worker online when `last_heartbeat` is
+under `ONLINE_WINDOW_S` old.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 WORKERS_HASH = "workers"
-HEARTBEAT_INTERVAL_S = 5.0
-ONLINE_WINDOW_S = 15.0
+ONLINE_WINDOW_S = 15.0  # the dashboard's rule; a worker beats well inside it
 ENGINE = "face_recognition"  # what the dashboard shows; fsw's descriptor engine is in `descriptor_engine`
 
 WorkerStatus = Literal["starting", "online", "busy", "paused", "offline"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
@@ -166,6 +167,14 @@ class SearchResult(RootModel[list[MatchEntry]]):
     """A job's return value: the matching photos, best first, one entry per photo."""
 
     model_config = ConfigDict(title="SearchResult")
+
+
+def dump_result(matches: Iterable[object]) -> list[dict[str, Any]]:
+    """A result as the JSON values a job returns and `fsw-index search --json` prints: the one serialiser.
+
+    matches: best first, any objects with `id`, `similarity` and `box` (the matcher's `Match`).
+    """
+    return SearchResult.model_validate(list(matches), from_attributes=True).model_dump(mode="json")
 
 
 def parse_job(data: Any) -> FaceSearchJob:

@@ -1,7 +1,7 @@
 """The ONNX conversion of dlib's face ResNet against dlib itself, and the converter's file checks.
 
 Real faces come from the labelled face set (`FSW_FACES`, default `../shared/faces`), read in place.
-Conversions go to a temporary cache folder (`FSW_CACHE_DIR`), never to the user's cache.
+Conversions go to a temporary cache folder (`cache_dir`), never to the user's cache.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import csv
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,16 +61,13 @@ def onnx_faces_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("fsw_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FSW_CACHE_DIR", str(path))
-        yield path
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fsw_cache")
 
 
 @pytest.fixture(scope="module")
 def engine(cache_dir: Path) -> OnnxEngine:
-    return OnnxEngine(threads=2, device="cpu")
+    return OnnxEngine(threads=2, device="cpu", cache_dir=str(cache_dir))
 
 
 @dataclass(frozen=True)
@@ -164,15 +160,15 @@ def test_describe_rejects_bad_chips(engine: OnnxEngine) -> None:
 
 
 def test_device_selection(cache_dir: Path) -> None:
-    assert OnnxEngine(threads=1, device="cpu").device == "cpu"
-    assert OnnxEngine(threads=1).device in ("cpu", "cuda")
+    assert OnnxEngine(threads=1, device="cpu", cache_dir=str(cache_dir)).device == "cpu"
+    assert OnnxEngine(threads=1, cache_dir=str(cache_dir)).device in ("cpu", "cuda")
     with pytest.raises(ValueError, match="device"):
-        OnnxEngine(device="tpu")
+        OnnxEngine(device="tpu", cache_dir=str(cache_dir))
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        assert OnnxEngine(device="cuda").device == "cuda"
+        assert OnnxEngine(device="cuda", cache_dir=str(cache_dir)).device == "cuda"
     else:
         with pytest.raises(RuntimeError, match="CUDA"):
-            OnnxEngine(device="cuda")
+            OnnxEngine(device="cuda", cache_dir=str(cache_dir))
 
 
 # -- the converter --------------------------------------------------------------------------------
@@ -253,17 +249,16 @@ def test_trailing_bytes_are_rejected(tmp_path: Path) -> None:
         parse_dlib_resnet(path)
 
 
-def test_cache_is_keyed_by_the_file_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_is_keyed_by_the_file_hash(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    monkeypatch.setenv("FSW_CACHE_DIR", str(cache))
     copy = tmp_path / "model.dat"
     shutil.copyfile(DAT, copy)
     sha = model_sha256(str(copy))
     assert sha == model_sha256(str(DAT)) and len(sha) == 64
-    first = converted_model_path(str(copy))
+    first = converted_model_path(str(copy), cache)
     assert first == cache / f"dlib_resnet_{sha[:16]}.onnx" and first.is_file()
     stamp = first.stat().st_mtime_ns
-    assert converted_model_path(str(copy)) == first and first.stat().st_mtime_ns == stamp  # no rework
+    assert converted_model_path(str(copy), cache) == first and first.stat().st_mtime_ns == stamp  # no rework
     assert not [p for p in cache.iterdir() if p.suffix == ".tmp"]
 
     model = onnx.load(str(first))
@@ -280,10 +275,10 @@ def test_cache_is_keyed_by_the_file_hash(tmp_path: Path, monkeypatch: pytest.Mon
     os.utime(copy, ns=(stamp + 10**9, stamp + 10**9))
     sha2 = model_sha256(str(copy))
     assert sha2 != sha
-    second = converted_model_path(str(copy))
+    second = converted_model_path(str(copy), cache)
     assert second == cache / f"dlib_resnet_{sha2[:16]}.onnx" and second != first and first.is_file()
 
     # a damaged cached file is converted again
     second.write_bytes(b"not a model")
-    assert converted_model_path(str(copy)) == second
+    assert converted_model_path(str(copy), cache) == second
     assert onnx.load(str(second)).graph.output[0].name == onnx_convert.OUTPUT_NAME

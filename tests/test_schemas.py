@@ -20,8 +20,7 @@ from schemas import (
     FaceSearchJob,
     Heartbeat,
     JobDataError,
-    MatchEntry,
-    SearchResult,
+    dump_result,
     json_schemas,
     parse_job,
     stage_problem,
@@ -128,7 +127,7 @@ def test_result_is_the_array_the_portal_reads() -> None:
     from matcher.search import Match
 
     match = Match("Day-1/Morning/IMG_0001.jpg", 0.8312, (10, 60, 70, 5))
-    result = SearchResult([MatchEntry.model_validate(match.to_dict())]).model_dump(mode="json")
+    result = dump_result([match])
     assert result == [{"id": "Day-1/Morning/IMG_0001.jpg", "similarity": 0.8312, "box": [10, 60, 70, 5]}]
     assert json.loads(json.dumps(result)) == result
 

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from matcher.errors import GalleryError
 from matcher.gallery import Gallery
 from matcher.query import search_selfie
+from schemas import dump_result
 from worker.engine import WorkerEngine, is_cuda_oom, make_worker_engine
 from worker.jobs import EncoderPool, SearchJobs
 from worker.reload import GalleryReloader
@@ -112,7 +113,7 @@ def test_a_job_answers_exactly_what_fsw_index_search_answers(
     gallery = Gallery.open(built_gallery)
     for person in ("obama", "leonard", "penny", "kit_harington"):
         _, result = run_job(built_gallery, executor, encoders, redis_url, selfie_job(query(labels, person)))
-        expected = [m.to_dict() for m in search_selfie(gallery, encoder, query(labels, person))]
+        expected = dump_result(search_selfie(gallery, encoder, query(labels, person)))
         assert [(e["id"], round(e["similarity"], 6)) for e in result] == [
             (e["id"], round(float(e["similarity"]), 6)) for e in expected  # type: ignore[arg-type]
         ], person
@@ -201,8 +202,8 @@ ORT_OOM = RuntimeError(
 
 
 def engine_failing_with(error: Exception) -> Callable[..., WorkerEngine]:
-    def make(name: str, threads: int | None) -> WorkerEngine:
-        return WorkerEngine(FailingCudaEngine(error), lambda: make_worker_engine("onnx", threads))
+    def make(name: str, threads: int | None, on_fallback: Callable[[], None] | None = None, **_: Any) -> WorkerEngine:
+        return WorkerEngine(FailingCudaEngine(error), lambda: make_worker_engine("onnx", threads), on_fallback)
 
     return make
 

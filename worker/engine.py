@@ -2,10 +2,10 @@
 
 `WorkerEngine` wraps the engine `matcher.engines.make_engine` gives (ONNX Runtime, on CUDA where it can)
 and is handed to `matcher.encoder.Encoder`. A call that fails with CUDA out of memory is run again on a
-CPU engine (made on first need) and counted in `fallbacks`, so the job completes and the heartbeat
-shows it. `on_face` is called as a face's chip reaches the engine: the moment detection has
-found the selfie's face, which the job reports as progress. Both engines are injectable, so a test can
-simulate the out-of-memory error on a machine without a GPU.
+CPU engine (made on first need), so the job completes; each such call is counted in `fallbacks` and
+reported to `on_fallback` (given at construction: the worker counts it for the heartbeat). A selfie is
+encoded in one engine call (`matcher.query`), so a job falls back at most once. Both engines are
+injectable, so a test can simulate the out-of-memory error on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -42,23 +42,26 @@ def engine_device(engine: object) -> str:
 
 
 class WorkerEngine:
-    """A descriptor engine with a per-call CPU fallback on CUDA out-of-memory, and a face hook."""
+    """A descriptor engine with a per-call CPU fallback on CUDA out-of-memory, reported to `on_fallback`."""
 
-    def __init__(self, primary: DescriptorEngine, make_fallback: Callable[[], DescriptorEngine] | None = None):
+    def __init__(
+        self,
+        primary: DescriptorEngine,
+        make_fallback: Callable[[], DescriptorEngine] | None = None,
+        on_fallback: Callable[[], None] | None = None,
+    ):
         self.primary = primary
         self.name = primary.name
         self._make_fallback = make_fallback
         self._fallback: DescriptorEngine | None = None
+        self._on_fallback = on_fallback
         self.fallbacks = 0  # calls run on the CPU after CUDA ran out of memory
-        self.on_face: Callable[[], None] | None = None
 
     @property
     def device(self) -> str:
         return engine_device(self.primary)
 
     def describe(self, chips: Sequence[np.ndarray], jitters: int = 1) -> np.ndarray:
-        if self.on_face is not None:
-            self.on_face()
         try:
             return self.primary.describe(list(chips), jitters)
         except Exception as e:
@@ -66,20 +69,31 @@ class WorkerEngine:
                 raise
             log.warning("CUDA out of memory while encoding (%s): encoding this selfie on the CPU", e)
             self.fallbacks += 1
+            if self._on_fallback is not None:
+                self._on_fallback()
             if self._fallback is None:
                 self._fallback = self._make_fallback()
             return self._fallback.describe(list(chips), jitters)
 
 
-def make_worker_engine(name: str, threads: int | None) -> WorkerEngine:
-    """The engine `name` ('onnx' or 'dlib'); on CUDA, with a CPU engine of the same kind as fallback."""
-    primary = make_engine(name, threads)
+def make_worker_engine(
+    name: str,
+    threads: int | None,
+    *,
+    cache_dir: str | None = None,
+    on_fallback: Callable[[], None] | None = None,
+) -> WorkerEngine:
+    """The engine `name` ('onnx' or 'dlib'); on CUDA, with a CPU engine of the same kind as fallback.
+
+    cache_dir: where converted ONNX models are cached (None: `matcher.defaults.CACHE_DIR`).
+    """
+    primary = make_engine(name, threads, cache_dir=cache_dir)
     fallback = None
     if engine_device(primary) == "cuda":
 
         def fallback() -> DescriptorEngine:
             from matcher.onnx_engine import OnnxEngine
 
-            return OnnxEngine(threads=threads, device="cpu")
+            return OnnxEngine(threads=threads, device="cpu", cache_dir=cache_dir)
 
-    return WorkerEngine(primary, fallback)
+    return WorkerEngine(primary, fallback, on_fallback)

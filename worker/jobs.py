@@ -1,13 +1,16 @@
 """The job handler: one `process-face` job in, the matching photos out.
 
-    job data -> FaceSearchJob (size-checked before decoding) -> stage checked -> bytes -> RGB image
-    -> the selfie's face and descriptor -> gallery search -> Redis `excluded_images` left out -> limit
+    job data -> FaceSearchJob (size-checked before decoding) -> `matcher.query.search_selfie` on the
+    gallery in use (stage, the selfie's bytes, its face, descriptor, search) -> Redis `excluded_images`
+    left out -> limit -> `schemas.dump_result`
 
-Decoding, detection, encoding and search run in the worker's thread pool, each thread with its own
-Encoder (dlib's detectors are not documented as thread-safe), so the event loop stays free for lock
-renewal, heartbeats and the other jobs. Progress goes to `job.updateProgress` from the event loop, in
-order: decoded, face found, encoded, searched. Every mistake in a job becomes a BullMQ
-`UnrecoverableError` whose message a person can act on; the worker goes on serving.
+The selfie's whole path is the matcher's, the one `fsw-index search` takes; this module adds what a job
+has and the CLI has not: the job's data, the excluded set in Redis, progress and the worker's counts.
+The search runs in the worker's thread pool, each thread with its own Encoder (dlib's detectors are not
+documented as thread-safe), so the event loop stays free for lock renewal, heartbeats and the other jobs.
+The query's progress stages reach `job.updateProgress` from the event loop, in order: decoded, face
+found, encoded, searched. Every mistake in a job becomes a BullMQ `UnrecoverableError` whose message a
+person can act on; the worker goes on serving.
 """
 
 from __future__ import annotations
@@ -20,28 +23,21 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
-import numpy as np
 from bullmq import UnrecoverableError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from matcher.encoder import Encoder, EncoderSettings
-from matcher.errors import FswError, ImageError
+from matcher.errors import FswError
 from matcher.gallery import Gallery
-from matcher.images import load_image
-from matcher.query import SELFIE_MAX_PIXELS, search_descriptor, selfie_descriptor
+from matcher.query import Stage, search_selfie
 from matcher.search import Match
-from schemas import EXCLUDED_SET, PROGRESS, FaceSearchJob, JobDataError, MatchEntry, SearchResult, parse_job
+from schemas import EXCLUDED_SET, PROGRESS, FaceSearchJob, JobDataError, dump_result, parse_job
 from worker.engine import WorkerEngine, make_worker_engine
 from worker.reload import GalleryReloader
 from worker.stats import WorkerStats
 
 log = logging.getLogger("fsw.worker")
-
-_EXPAND = EncoderSettings().selfie_expansion
-
-# HOG finds faces down to about 40 px with the selfie's upsampling; a smaller picture cannot hold one.
-MIN_SELFIE_SIDE = 40
 
 
 class JobLike(Protocol):
@@ -56,8 +52,9 @@ class JobLike(Protocol):
 class EncoderPool:
     """One Encoder per thread, made on first use, remade when a new gallery records other settings.
 
-    `make_engine(name, threads)` builds each thread's descriptor engine: a test passes one that fails
-    like CUDA out of memory.
+    `make_engine(name, threads, cache_dir=..., on_fallback=...)` builds each thread's descriptor engine
+    (a test passes one that fails like CUDA out of memory); `on_fallback` is called when an engine call
+    ran out of GPU memory and was done on the CPU.
     """
 
     def __init__(
@@ -65,23 +62,32 @@ class EncoderPool:
         engine: str = "onnx",
         threads: int | None = None,
         make_engine: Callable[..., WorkerEngine] = make_worker_engine,
+        on_fallback: Callable[[], None] | None = None,
+        cache_dir: str | None = None,
     ):
         self.engine = engine
         self.threads = threads
+        self.cache_dir = cache_dir
         self._make_engine = make_engine
+        self._on_fallback = on_fallback
         self._local = threading.local()
         self.device = "cpu"  # where the last engine made runs; for the heartbeat
 
-    def get(self, recorded: dict[str, Any]) -> tuple[Encoder, WorkerEngine]:
+    def get(self, recorded: dict[str, Any]) -> Encoder:
+        """This thread's Encoder for a gallery with the `recorded` settings."""
         key = repr(sorted(recorded.items()))
         held = getattr(self._local, "held", None)
         if held is None or held[0] != key:
-            engine = self._make_engine(self.engine, self.threads)
-            settings = EncoderSettings.from_recorded(recorded, engine=self.engine, threads=self.threads)
-            held = (key, Encoder(settings, engine=engine), engine)
+            engine = self._make_engine(
+                self.engine, self.threads, cache_dir=self.cache_dir, on_fallback=self._on_fallback
+            )
+            settings = EncoderSettings.from_recorded(
+                recorded, engine=self.engine, threads=self.threads, cache_dir=self.cache_dir
+            )
+            held = (key, Encoder(settings, engine=engine))
             self._local.held = held
             self.device = engine.device
-        return held[1], held[2]
+        return held[1]
 
 
 class SearchJobs:
@@ -127,46 +133,26 @@ class SearchJobs:
         """The job's result; raises FswError or JobDataError for a job that cannot be answered."""
         gallery = self.galleries.require()  # taken once: a reload during the job does not affect it
         request = await self._run(parse_job, job.data)
-        stage = gallery.check_stage(request.stage)  # before the costly steps
-        image = await self._run(_decode, request)
-        await job.updateProgress(PROGRESS["decoded"])
-
-        face_found = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        encoding = asyncio.ensure_future(
-            self._run(self._describe, image, gallery, lambda: loop.call_soon_threadsafe(face_found.set))
-        )
-        found = asyncio.ensure_future(face_found.wait())
+        progress = _Progress(job)
         try:
-            await asyncio.wait({encoding, found}, return_when=asyncio.FIRST_COMPLETED)
-            if face_found.is_set():
-                await job.updateProgress(PROGRESS["face_found"])
-            descriptor = await encoding
+            matches = await self._run(self._search_selfie, gallery, request, progress.passed)
         finally:
-            found.cancel()
-            if not encoding.done():
-                await asyncio.wait({encoding})  # never leave a thread's result unobserved
-        await job.updateProgress(PROGRESS["encoded"])
-
-        matches, timing["search_ms"] = await self._run(_search, gallery, descriptor, stage, request.threshold)
+            await progress.sent()
+        timing["search_ms"] = progress.search_ms()
         matches = await self._without_excluded(matches)
         if request.limit is not None:
             matches = matches[: request.limit]
-        await job.updateProgress(PROGRESS["searched"])
-        return SearchResult([MatchEntry(id=m.id, similarity=m.similarity, box=m.box) for m in matches]).model_dump(
-            mode="json"
-        )
+        return dump_result(matches)
 
-    def _describe(self, image: np.ndarray, gallery: Gallery, on_face: Callable[[], None]) -> np.ndarray:
-        encoder, engine = self.encoders.get(gallery.settings)
-        engine.on_face = on_face
-        fallbacks = engine.fallbacks
-        try:
-            return selfie_descriptor(encoder, image)
-        finally:
-            engine.on_face = None
-            if engine.fallbacks > fallbacks:  # once per job, however many engine calls fell back
-                self.stats.cuda_oom()
+    def _search_selfie(
+        self, gallery: Gallery, request: FaceSearchJob, on_progress: Callable[[Stage], None]
+    ) -> list[Match]:
+        """In a pool thread: the selfie's search, as `fsw-index search` runs it. No limit here: it applies
+        after the excluded photos are left out. The base64 is decoded only once the stage is known."""
+        encoder = self.encoders.get(gallery.settings)
+        return search_selfie(
+            gallery, encoder, request.image_bytes, request.stage, request.threshold, on_progress=on_progress
+        )
 
     async def _without_excluded(self, matches: list[Match]) -> list[Match]:
         if not matches:
@@ -178,23 +164,41 @@ class SearchJobs:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
-def _decode(request: FaceSearchJob) -> np.ndarray:
-    """The selfie as an RGB array: base64 -> bytes -> image (size-checked from its header)."""
-    image = load_image(request.image_bytes(), max_pixels=SELFIE_MAX_PIXELS)
-    height, width = image.shape[:2]
-    if min(height, width) < MIN_SELFIE_SIDE:
-        raise ImageError(
-            f"image too small: {width}x{height} pixels: send a selfie at least {MIN_SELFIE_SIDE} pixels "
-            "on each side, with the face filling a good part of it"
-        )
-    return image
+class _Progress:
+    """The query's stages, heard in a pool thread, sent to `job.updateProgress` from the event loop in order.
 
+    Each stage's time is noted too: the search's share of a job (expansion and gallery search) is the
+    time from "encoded" to "searched", which the heartbeat reports as `search_p50_ms`.
+    """
 
-def _search(gallery: Gallery, descriptor: np.ndarray, stage: str, threshold: float) -> tuple[list[Match], float]:
-    started = time.perf_counter()
-    # the same search as `fsw-index search`, query expansion included; excluded ids are filtered after
-    matches = search_descriptor(gallery, descriptor, stage, threshold, expand=_EXPAND)
-    return matches, (time.perf_counter() - started) * 1000
+    def __init__(self, job: JobLike):
+        self._job = job
+        self._loop = asyncio.get_running_loop()
+        self._at: dict[str, float] = {}
+        self._last: asyncio.Future[None] | None = None
+
+    def passed(self, stage: Stage) -> None:
+        """Called from the pool thread as the query passes `stage`."""
+        self._at[stage] = time.perf_counter()
+        self._loop.call_soon_threadsafe(self._send, stage)
+
+    def _send(self, stage: Stage) -> None:
+        self._last = asyncio.ensure_future(self._after(self._last, PROGRESS[stage]))
+
+    async def _after(self, previous: asyncio.Future[None] | None, value: int) -> None:
+        if previous is not None:
+            await previous
+        await self._job.updateProgress(value)
+
+    async def sent(self) -> None:
+        """Wait until every stage heard so far has been sent (the thread's callbacks run before its result)."""
+        if self._last is not None:
+            await self._last
+
+    def search_ms(self) -> float | None:
+        if "encoded" in self._at and "searched" in self._at:
+            return (self._at["searched"] - self._at["encoded"]) * 1000
+        return None
 
 
 def _is_redis_error(error: BaseException) -> bool:

@@ -6,7 +6,7 @@
 2. start the BullMQ Worker with `SearchJobs` as its processor, its Redis connections named
    `bull:<base64 of queue>:w:<id>` so that Node's `queue.getWorkers()` lists it;
 3. beside it: the heartbeat every 5 s, the pause switch (`worker:<id>:paused` = "1") polled every
-   second, the gallery reload polled every 2 s;
+   second, the gallery reload polled every 2 s (these and every other interval: `worker.defaults`);
 4. on SIGTERM/SIGINT: take no new job, finish the ones in hand, write status offline, return 0.
    A second signal abandons the jobs in hand (BullMQ hands them to another worker once their lock
    expires).
@@ -39,7 +39,22 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from matcher.encoder import cores
-from schemas import HEARTBEAT_INTERVAL_S, Heartbeat, WorkerStatus, paused_key
+from schemas import Heartbeat, WorkerStatus, paused_key
+from worker.defaults import (
+    CLOSE_WAIT_S,
+    GRACEFUL_STOP_S,
+    HEARTBEAT_INTERVAL_S,
+    LOCK_DURATION_MS,
+    OFFLINE_BEAT_ATTEMPTS,
+    PAUSE_POLL_S,
+    QUEUE_ERROR_LOG_EVERY_S,
+    REDIS_RETRIES,
+    REDIS_RETRY_BACKOFF_S,
+    REDIS_WAIT_S,
+    RUN_RETRY_DELAY_MS,
+    STALLED_INTERVAL_MS,
+    WARM_UP_TIMEOUT_S,
+)
 from worker.engine import WorkerEngine, make_worker_engine
 from worker.heartbeat import HostMetrics, base_worker_id, claim_worker_id, write_heartbeat
 from worker.jobs import EncoderPool, SearchJobs
@@ -48,14 +63,6 @@ from worker.settings import WorkerSettings
 from worker.stats import WorkerStats
 
 log = logging.getLogger("fsw.worker")
-
-PAUSE_POLL_S = 1.0
-GRACEFUL_STOP_S = 120.0  # longest a graceful stop waits for the jobs in hand
-# A job takes well under a second. Half BullMQ's defaults (30 s) for the lock and the stalled-job check:
-# the jobs of a worker that died are handed to another one within about 30 s instead of 60.
-LOCK_DURATION_MS = 15_000
-STALLED_INTERVAL_MS = 15_000
-RUN_RETRY_DELAY_MS = 2_000  # BullMQ waits this long after a failed fetch (its default, 15 s, is slow to resume)
 
 
 def node_client_name(prefix: str, queue: str, worker_name: str) -> str:
@@ -85,7 +92,10 @@ class WorkerService:
         self.settings = settings
         self.stats = WorkerStats()
         threads = max(1, cores() // settings.concurrency)
-        self.encoders = EncoderPool(engine, threads, make_engine=make_engine)
+        cache_dir = str(settings.cache_dir) if settings.cache_dir else None
+        self.encoders = EncoderPool(
+            engine, threads, make_engine=make_engine, on_fallback=self.stats.cuda_oom, cache_dir=cache_dir
+        )
         self.galleries = GalleryReloader(settings.gallery)
         self.metrics = HostMetrics(settings.gpu_index)
         self.install_signals = install_signals
@@ -108,7 +118,7 @@ class WorkerService:
         redis = Redis(
             **self.settings.redis_kwargs(client_name=f"fsw:{self.settings.hostname}:{os.getpid()}"),
             decode_responses=True,
-            retry=Retry(ExponentialBackoff(cap=2, base=0.2), 2),
+            retry=Retry(ExponentialBackoff(cap=REDIS_RETRY_BACKOFF_S[1], base=REDIS_RETRY_BACKOFF_S[0]), REDIS_RETRIES),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         executor = ThreadPoolExecutor(max_workers=self.settings.concurrency, thread_name_prefix="fsw-job")
@@ -145,8 +155,8 @@ class WorkerService:
             done.set()
             for task in background:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(task, 10)
-            await self._beat(redis, "offline", attempts=5)
+                    await asyncio.wait_for(task, CLOSE_WAIT_S)
+            await self._beat(redis, "offline", attempts=OFFLINE_BEAT_ATTEMPTS)
             log.info(
                 "worker %s stopped: %d jobs completed, %d failed", self.worker_id,
                 self.stats.jobs_processed, self.stats.jobs_failed,
@@ -176,7 +186,7 @@ class WorkerService:
     async def _connect(self, redis: Redis) -> bool:
         """Wait for Redis with backoff; False if a stop came first."""
         assert self._stop is not None
-        delay = 0.5
+        delay, longest = REDIS_WAIT_S
         while not self._stop.is_set():
             try:
                 await redis.ping()  # type: ignore[misc]
@@ -186,7 +196,7 @@ class WorkerService:
                 self._redis_unavailable(e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
-            delay = min(delay * 2, 10.0)
+            delay = min(delay * 2, longest)
         return False
 
     async def _claim(self, redis: Redis, base: str) -> str | None:
@@ -211,7 +221,7 @@ class WorkerService:
 
         def warm() -> None:
             self.encoders.get(recorded)
-            together.wait(timeout=120)
+            together.wait(timeout=WARM_UP_TIMEOUT_S)
 
         await asyncio.gather(*(loop.run_in_executor(executor, warm) for _ in range(self.settings.concurrency)))
 
@@ -241,7 +251,7 @@ class WorkerService:
 
         def on_error(error: BaseException, *_: Any) -> None:
             text = f"{type(error).__name__}: {error}"
-            if time.monotonic() - errors.get(text, -1e9) > 60:  # once a minute per kind, not per retry
+            if time.monotonic() - errors.get(text, -1e9) > QUEUE_ERROR_LOG_EVERY_S:  # not at every retry
                 log.warning("queue connection: %s", text)
                 errors[text] = time.monotonic()
 
@@ -259,13 +269,13 @@ class WorkerService:
             log.warning("jobs still running after %.0f s: abandoning them", GRACEFUL_STOP_S)
             worker.forceClosing = True
             worker.cancelProcessing()
-            finished, _ = await asyncio.wait({closing}, timeout=10)
+            finished, _ = await asyncio.wait({closing}, timeout=CLOSE_WAIT_S)
         if finished:
             with contextlib.suppress(Exception):
                 closing.result()
         if self._run_task is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(self._run_task, 10)
+                await asyncio.wait_for(self._run_task, CLOSE_WAIT_S)
 
     @staticmethod
     async def _finish_jobs_then_close(worker: Worker) -> None:
