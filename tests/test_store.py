@@ -122,15 +122,21 @@ def _hold_lock(folder: str, ready, release) -> None:  # type: ignore[no-untyped-
     w.close()
 
 
-def test_second_writer_is_told_who_holds_the_lock(tmp_path, person):
+def _holder(tmp_path: Path, person: np.ndarray):  # type: ignore[no-untyped-def]
+    """A gallery, and another process that holds its writer's lock until `release` is set."""
     g = tmp_path / "g"
     _build(g, [_photo("a.jpg", [Face((0, 1, 1, 0), person)])])
     ctx = multiprocessing.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
     holder = ctx.Process(target=_hold_lock, args=(str(g), ready, release))
     holder.start()
+    assert ready.wait(30)
+    return g, holder, release
+
+
+def test_second_writer_is_told_who_holds_the_lock(tmp_path, person):
+    g, holder, release = _holder(tmp_path, person)
     try:
-        assert ready.wait(30)
         with pytest.raises(GalleryLockedError, match=rf"locked by pid {holder.pid} \(fsw-index add\)"):
             GalleryWriter(g, SETTINGS)
     finally:
@@ -140,13 +146,7 @@ def test_second_writer_is_told_who_holds_the_lock(tmp_path, person):
 
 
 def test_the_lock_of_a_killed_writer_is_free_again(tmp_path, person):
-    g = tmp_path / "g"
-    _build(g, [_photo("a.jpg", [Face((0, 1, 1, 0), person)])])
-    ctx = multiprocessing.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(str(g), ready, release))
-    holder.start()
-    assert ready.wait(30)
+    g, holder, _ = _holder(tmp_path, person)
     holder.kill()  # SIGKILL: no release runs; the OS drops the lock with the process
     holder.join(30)
     GalleryWriter(g, SETTINGS, command="fsw-index add").close()
