@@ -9,14 +9,11 @@ from __future__ import annotations
 
 # -- configuration defaults (`worker.settings`) -----------------------------------------------------------
 
-# A Redis on the same machine, as a portal and its workers are usually run.
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+# (The default Redis URL and its connect timeout: `schemas.connection`, shared with `fsw-index --fleet`.)
 # One job at a time per process: its encoding already uses every core the process is given.
 DEFAULT_CONCURRENCY = 1
 # More jobs at once than this only queue up on the cores; a larger number is a typo.
 MAX_CONCURRENCY = 64
-# A Redis that has not accepted a connection in 5 s is away: report it and retry, rather than hang.
-REDIS_CONNECT_TIMEOUT_S = 5
 
 # -- BullMQ (`worker.service`) --------------------------------------------------------------------------
 

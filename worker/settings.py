@@ -5,7 +5,8 @@ environment): `REDIS_URL` (redis:// or rediss:// for TLS), or `REDIS_HOST`, `RED
 `REDIS_PASSWORD`; `FSW_QUEUE` (default face-search), `FSW_GALLERY` (default ./gallery),
 `WORKER_CONCURRENCY` (default 1), `GPU_INDEX` (unset: the CPU, or the GPU `--gpus` names),
 `FSW_CACHE_DIR` (converted ONNX models; default ~/.cache/fsw). Defaults: `worker.defaults`, `matcher.defaults`.
-The Redis password never appears in `repr` or in a log line: use `redis_display`.
+The Redis variables are read by `schemas.connection`, which `fsw-index --fleet` shares. The Redis
+password never appears in `repr` or in a log line: use `redis_display`.
 """
 
 from __future__ import annotations
@@ -16,17 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
-
-from redis.asyncio.connection import SSLConnection, parse_url
 
 from matcher.defaults import DEFAULT_GALLERY
 from schemas import QUEUE
-from worker.defaults import DEFAULT_CONCURRENCY, DEFAULT_REDIS_URL, MAX_CONCURRENCY, REDIS_CONNECT_TIMEOUT_S
+from schemas.connection import DEFAULT_REDIS_URL, SettingsError, redis_display, redis_kwargs, redis_url
+from worker.defaults import DEFAULT_CONCURRENCY, MAX_CONCURRENCY
 
-
-class SettingsError(ValueError):
-    """A configuration value that cannot work; the message names the variable and the fix."""
+__all__ = ["SettingsError", "WorkerSettings"]  # SettingsError lives with the Redis variables fsw-index reads too
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,7 @@ class WorkerSettings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
         """Settings from environment variables, then `overrides` (command-line flags) where not None."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {"redis_url": _redis_url(env)}
+        values: dict[str, Any] = {"redis_url": redis_url(env)}
         if env.get("FSW_QUEUE"):
             values["queue"] = env["FSW_QUEUE"]
         if env.get("FSW_GALLERY"):
@@ -78,49 +75,20 @@ class WorkerSettings:
     @property
     def redis_display(self) -> str:
         """The Redis URL with any password masked: the only form that may be logged."""
-        parts = urlsplit(self.redis_url)
-        if parts.password is None:
-            return self.redis_url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
+        return redis_display(self.redis_url)
 
     def redis_kwargs(self, client_name: str | None = None) -> dict[str, Any]:
         """Keyword arguments for `redis.asyncio.Redis` (host, port, password, TLS...).
 
         `client_name` is set on every connection made with them, reconnections included.
         """
-        kwargs: dict[str, Any] = dict(parse_url(self.redis_url))
-        if kwargs.pop("connection_class", None) is SSLConnection:
-            kwargs["ssl"] = True
-        elif "path" in kwargs:
-            kwargs["unix_socket_path"] = kwargs.pop("path")
-        kwargs.setdefault("socket_connect_timeout", REDIS_CONNECT_TIMEOUT_S)
-        if client_name:
-            kwargs["client_name"] = client_name
-        return kwargs
+        return redis_kwargs(self.redis_url, client_name)
 
     def __repr__(self) -> str:
         return (
             f"WorkerSettings(redis={self.redis_display!r}, queue={self.queue!r}, gallery={str(self.gallery)!r}, "
             f"concurrency={self.concurrency}, gpu_index={self.gpu_index}, hostname={self.hostname!r})"
         )
-
-
-def _redis_url(env: Mapping[str, str]) -> str:
-    url = env.get("REDIS_URL", "").strip()
-    if url:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError("REDIS_URL must start with redis://, rediss:// (TLS) or unix://")
-        return url
-    host = env.get("REDIS_HOST", "").strip() or "127.0.0.1"
-    port = env.get("REDIS_PORT", "").strip() or "6379"
-    if not port.isdigit():
-        raise SettingsError(f"REDIS_PORT must be a port number, not {port!r}")
-    given = env.get("REDIS_PASSWORD", "")
-    auth = f":{quote(given, safe='')}@" if given else ""
-    return f"redis://{auth}{host}:{port}"
 
 
 def _int(env: Mapping[str, str], name: str) -> int:
