@@ -10,7 +10,6 @@ this work must spend. The loop also says where a photo's time goes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import shutil
@@ -27,7 +26,7 @@ from bench.common import CACHE, gallery_photos, log, stats
 from bench.galleries import SyntheticModel, encode_real, write_gallery
 from indexer.pipeline import Progress, index_photos
 from indexer.scan import find_photos
-from matcher import models
+from matcher import layout, models
 from matcher.encoder import EncoderSettings, cores
 from matcher.writer import GalleryWriter, PendingPhoto
 
@@ -173,7 +172,7 @@ class RawLoop:
 def write_cost(results: list[tuple[Path, list, np.ndarray]]) -> dict[str, float]:
     """fsw's own per-photo work besides encoding: hashing the file, and writing a gallery of these faces."""
     t = time.perf_counter()
-    hashes = [hashlib.sha256(p.read_bytes()).hexdigest() for p, _, _ in results]
+    hashes = [layout.file_sha256(p) for p, _, _ in results]
     hash_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory(prefix="fsw-bench-write-") as tmp:
         t = time.perf_counter()

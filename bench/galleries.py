@@ -87,10 +87,7 @@ def encode_real(encoder: Encoder | None = None) -> RealFaces:
             return pickle.load(f)  # noqa: S301 - our own cache file
     real = _encode_real(encoder or Encoder(EncoderSettings()))
     CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(real, f)
-    os.replace(tmp, cached)
+    layout.atomic_write(cached, pickle.dumps(real))
     return real
 
 
@@ -100,7 +97,7 @@ def _encode_real(encoder: Encoder) -> RealFaces:
     photos = []
     for item in gallery_photos():
         faces = encoder.faces(load_image(item.path))
-        photos.append((item, hashlib.sha256(item.path.read_bytes()).hexdigest(), faces))
+        photos.append((item, layout.file_sha256(item.path), faces))
     gallery = np.stack([f.descriptor for _, _, faces in photos for f in faces])
     queries, avoid = {}, []
     for item in labels():
