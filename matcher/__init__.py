@@ -1,1 +1,15 @@
-"""matcher"""
+"""matcher: from images to faces to descriptors, the gallery on disk, and the search. No CLI, no queue.
+
+Encoding: `images` (load a photo or selfie safely), `encoder` (detect, align, describe: `Encoder`,
+`EncoderSettings`), `engines` (the descriptor engine interface, dlib's), `onnx_engine` (the same network
+on ONNX Runtime), `onnx_convert` (dlib's .dat -> ONNX, cached), `models` (dlib's model files).
+The gallery (files: docs/gallery-format.md): `layout` (file names, manifest, writer's lock, atomic
+replace, hashing), `rows` (the row files as readers need them; `live`, the one visibility rule),
+`writer` (`GalleryWriter`: add, remove, commit), `gallery` (`Gallery.open`: a version in memory,
+searched), `verify` (what `fsw-index verify` checks).
+Search: `search` (the matching rule, `Match`), `expansion` (query expansion), `query` (a selfie's search,
+the one path of `fsw-index search` and every job). `defaults` (every tunable, with its reason),
+`errors` (one type per kind of problem a person can fix).
+`matcher` imports neither `indexer` nor `worker`, and reads no environment variable: the edges (the CLIs,
+the worker's settings, `python -m matcher.onnx_convert`) do, and pass values in.
+"""

@@ -1,7 +1,10 @@
 """The contracts of fsw, as typed models with JSON Schema: one source of truth for Python and Node.
 
-`FaceSearchJob` (a job's data), `SearchResult` of `MatchEntry` (its return value) and `Heartbeat` (a
-worker's record in the `workers` hash). This package imports nothing of the project.
+Modules: `job` (`FaceSearchJob`, a job's data, and `parse_job`; `SearchResult` of `MatchEntry`, its return
+value, written by `dump_result`), `heartbeat` (`Heartbeat`, a worker's record in the `workers` hash, and
+the pause key), `connection` (how every fsw process reads the Redis settings from the environment).
+`fsw-worker schema` prints `json_schemas()`; docs/worker.md describes them. This package imports nothing
+of the project.
 """
 
 from __future__ import annotations
