@@ -74,7 +74,7 @@ def _print_phases() -> None:
 
     def marked(phase: str, fn):  # type: ignore[no-untyped-def]
         def run(*args, **kwargs):  # type: ignore[no-untyped-def]
-            print("phase", phase, flush=True)
+            print(f"phase {phase}", flush=True)  # one string, one write: see "committed" below
             return fn(*args, **kwargs)
 
         return run
@@ -108,7 +108,9 @@ def main() -> None:
                 w.add(PendingPhoto.from_faces(pid, content_hash(pid, faces), 100, 1.0,
                                               [Face((1, 2, 3, 4), d) for d in faces]))
             w.commit(final=c.final)
-            print("committed", w.manifest.version, flush=True)
+            # One string: under PYTHONUNBUFFERED print writes each argument apart, and a kill between them
+            # left a bare "committed" line that the test could not read.
+            print(f"committed {w.manifest.version}", flush=True)
 
 
 if __name__ == "__main__":
