@@ -1,6 +1,8 @@
 """Indexing photos into a gallery: scan, hash, encode in parallel, append, commit.
 
-`index_photos` is what `fsw-index build` and `fsw-index add` call. Photos already in the gallery
+`index_photos` is what `fsw-index build` and `fsw-index add` call. The encoding itself is an
+`indexer.encoding.Encoding`: processes on this machine by default, the fleet's workers with `--fleet`
+(`indexer.fleet`); finding, deduping, recording and committing are the same for both. Photos already in the gallery
 (same id, size and modification time, or the same content under any id) are skipped, so running the
 same command again after Ctrl-C or a crash resumes where the last commit left off. Work is committed
 every `checkpoint_s` seconds and at the end; a photo that cannot be read is skipped with its reason,
@@ -10,23 +12,19 @@ and never stops the run.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from indexer.defaults import CHECKPOINT_S, JOBS, TASKS_PER_JOB
+from indexer.defaults import CHECKPOINT_S
+from indexer.encoding import Encoded, Encoding, LocalEncoding, Task
 from indexer.scan import ScanError, find_photos, photo_id
 from matcher import layout
-from matcher.encoder import Encoder, EncoderSettings, cores
-from matcher.errors import FswError, ImageError
-from matcher.images import load_image
-from matcher.writer import GalleryWriter, PendingPhoto
+from matcher.encoder import EncoderSettings
+from matcher.writer import GalleryWriter
 
 
 @dataclass
@@ -35,6 +33,7 @@ class Progress:
     done: int = 0
     faces: int = 0
     skipped: int = 0
+    workers: int = 0  # fsw-workers seen encoding (a fleet build)
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -57,27 +56,13 @@ class Summary:
     elapsed_s: float = 0.0
     version: int = 0
     interrupted: bool = False
+    workers: list[str] = field(default_factory=list)  # a fleet build: the fsw-workers whose results it recorded
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-
-@dataclass
-class _Task:
-    path: Path
-    id: str
-    sha256: str
-    size: int
-    mtime: float
-
-
-@dataclass
-class _Encoded:
-    """An encoder process's answer: the photo's faces as arrays (they pickle small), or why it failed."""
-
-    task: _Task
-    photo: PendingPhoto | None = None
-    error: str | None = None
+        fields: dict[str, Any] = asdict(self)
+        if not self.workers:
+            del fields["workers"]  # a local build's summary reads as it always has
+        return json.dumps(fields, indent=2)
 
 
 ProgressFn = Callable[[Progress], None]
@@ -93,13 +78,16 @@ def index_photos(
     command: str = "build",
     checkpoint_s: float = CHECKPOINT_S,
     on_progress: ProgressFn | None = None,
+    encoding: Encoding | None = None,
 ) -> Summary:
     """Index the photos at or under `paths` into `gallery`.
 
     build: `photo_root` is given and the gallery is created when absent (or resumed when it exists
     with the same root). add: the gallery exists and `paths` must lie below its photo root.
     jobs: encoder processes (default: every core); ONNX threads per process = cores // jobs.
+    encoding: who encodes (default: `LocalEncoding(jobs)`; `indexer.fleet.FleetEncoding` for the fleet).
     """
+    encoding = encoding or LocalEncoding(jobs)
     started = time.monotonic()
     creating = photo_root is not None
     if creating:
@@ -121,11 +109,15 @@ def index_photos(
         progress = Progress(total=len(files))
         tasks = _tasks(files, root, writer, summary, progress)
         try:
-            _encode_all(tasks, settings, jobs, writer, summary, progress, checkpoint_s, on_progress)
+            _record_all(tasks, settings, encoding, writer, summary, progress, checkpoint_s, on_progress)
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
-            manifest = writer.commit(final=not summary.interrupted)
+            try:
+                manifest = writer.commit(final=not summary.interrupted)
+                encoding.committed()
+            finally:
+                encoding.close()
             summary.version = manifest.version
             summary.elapsed_s = round(time.monotonic() - started, 3)
             layout.atomic_write(Path(gallery) / layout.SUMMARY_NAME, summary.to_json())
@@ -134,7 +126,7 @@ def index_photos(
 
 def _tasks(
     files: list[Path], root: Path, writer: GalleryWriter, summary: Summary, progress: Progress
-) -> Iterator[_Task]:
+) -> Iterator[Task]:
     """Photos that need encoding, hashed; skips unchanged and duplicate ones (counted in `summary`)."""
     todo: list[tuple[Path, str, os.stat_result]] = []
     for path in files:
@@ -150,7 +142,7 @@ def _tasks(
         else:
             todo.append((path, pid, st))
 
-    def generate() -> Iterator[_Task]:
+    def generate() -> Iterator[Task]:
         queued: dict[str, str] = {}
         for path, pid, st in todo:
             try:
@@ -167,7 +159,7 @@ def _tasks(
                 _skip(summary, progress, pid, f"same content as {same}, indexed once")
                 continue
             queued[sha] = pid
-            yield _Task(path, pid, sha, st.st_size, st.st_mtime)
+            yield Task(path, pid, sha, st.st_size, st.st_mtime)
 
     return generate()
 
@@ -178,21 +170,21 @@ def _skip(summary: Summary, progress: Progress, pid: str, reason: str) -> None:
     progress.skipped += 1
 
 
-def _encode_all(
-    tasks: Iterator[_Task],
+def _record_all(
+    tasks: Iterator[Task],
     settings: EncoderSettings,
-    jobs: int | None,
+    encoding: Encoding,
     writer: GalleryWriter,
     summary: Summary,
     progress: Progress,
     checkpoint_s: float,
     on_progress: ProgressFn | None,
 ) -> None:
-    jobs = max(1, jobs or JOBS or cores())
-    threads = max(1, cores() // jobs)
+    """Run the encoding; record each outcome in the writer and the counts; commit every `checkpoint_s`."""
     last_commit = time.monotonic()
+    workers: set[str] = set()
 
-    def record(result: _Encoded) -> None:
+    def record(result: Encoded) -> None:
         nonlocal last_commit
         t = result.task
         if result.error is not None:
@@ -206,58 +198,15 @@ def _encode_all(
             summary.faces += faces
             summary.photos_without_faces += not faces
             progress.faces += faces
+        if result.worker is not None and result.worker not in workers:
+            workers.add(result.worker)
+            summary.workers = sorted(workers)
+            progress.workers = len(workers)
         if on_progress:
             on_progress(progress)
         if time.monotonic() - last_commit >= checkpoint_s:
             writer.commit(final=False)
+            encoding.committed()
             last_commit = time.monotonic()
 
-    worker_settings = EncoderSettings(**{**settings.as_dict(), "threads": threads})
-    if jobs == 1:
-        _init(worker_settings)
-        for task in tasks:
-            record(_encode(task))
-        return
-    context = multiprocessing.get_context("spawn")  # fork would copy ONNX Runtime's and OpenMP's threads
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init, initargs=(worker_settings,)) as pool:
-        pending: set[Future[_Encoded]] = set()
-        try:
-            for task in tasks:
-                pending.add(pool.submit(_encode, task))
-                if len(pending) >= jobs * TASKS_PER_JOB:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        record(f.result())
-            for f in list(pending):
-                record(f.result())
-        except BrokenProcessPool:
-            raise FswError(
-                "an encoder process died (out of memory?); finished photos are committed: "
-                "run the same command again to resume, perhaps with fewer --jobs"
-            ) from None
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-
-_encoder: Encoder | None = None
-
-
-def _init(settings: EncoderSettings) -> None:
-    global _encoder
-    if multiprocessing.parent_process() is not None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it commits
-    _encoder = Encoder(settings)
-
-
-def _encode(task: _Task) -> _Encoded:
-    assert _encoder is not None
-    try:
-        image = load_image(task.path)
-        faces = _encoder.faces(image)
-    except ImageError as e:
-        return _Encoded(task, error=str(e))
-    except Exception as e:  # an encoder failure on one photo must not stop the build
-        return _Encoded(task, error=f"encoder error: {type(e).__name__}: {e}")
-    return _Encoded(task, PendingPhoto.from_faces(task.id, task.sha256, task.size, task.mtime, faces))
-
+    encoding.run(tasks, settings, writer, record)
