@@ -1,7 +1,8 @@
 """indexer: `fsw-index`, which builds, extends, checks and measures a gallery from a photo tree.
 
 Modules: `cli` (the commands: docs/cli.md), `scan` (find the photos and name them), `pipeline`
-(`index_photos`: hash, encode in parallel, commit at checkpoints), `progress` (the progress bar or log
+(`index_photos`: hash, encode, commit at checkpoints), `encoding` (the encode step: `LocalEncoding`, a
+process pool on this machine), `progress` (the progress bar or log
 line). `fsw-index eval` (docs/accuracy.md): `labels` (the one labels CSV parser), `scoring` (pure
 counts per threshold), `report` (table, JSON, plot), `evaluate` (the run that ties them). `defaults`
 (every tunable, with its reason).
