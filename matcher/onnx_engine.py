@@ -10,22 +10,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from matcher import onnx_convert
 from matcher.defaults import ONNX_MAX_BATCH
+from matcher.onnx_session import make_session, session_device
 
 __all__ = ["OnnxEngine"]
-
-_CUDA = "CUDAExecutionProvider"
-_CPU = "CPUExecutionProvider"
 
 
 class OnnxEngine:
     """Face descriptors with ONNX Runtime on the CPU or, where onnxruntime has it, CUDA.
 
     ``threads`` sets ONNX Runtime's intra-op thread count (None: one per core); ``device`` is
-    ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when onnxruntime offers it, else CPU).  On CUDA,
+    ``"cpu"``, ``"cuda"`` or ``"auto"`` (see `matcher.onnx_session`: CUDA when it starts, else CPU).  On CUDA,
     TF32 is disabled: it would move descriptors by up to 3e-4.  ``cache_dir`` is where the converted
     model is cached (None: ``matcher.defaults.CACHE_DIR``).
     """
@@ -34,40 +31,9 @@ class OnnxEngine:
     max_batch = ONNX_MAX_BATCH  # chips per ONNX Runtime call; larger batches are split
 
     def __init__(self, threads: int | None = None, device: str = "auto", cache_dir: str | None = None) -> None:
-        if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be at least 1, not {threads}")
-        available = ort.get_available_providers()
-        if device == "cuda" and _CUDA not in available:
-            raise RuntimeError(
-                "device='cuda' but this onnxruntime has no CUDAExecutionProvider "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu or use device='cpu'"
-            )
-        providers: list[str | tuple[str, dict[str, str]]] = []
-        if device in ("auto", "cuda") and _CUDA in available:
-            providers.append((_CUDA, {"use_tf32": "0"}))
-        providers.append(_CPU)
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or 0
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: no warnings about providers falling back
-
         self.model_path = onnx_convert.converted_model_path(cache_dir=cache_dir)
-        model = str(self.model_path)
-        try:
-            self._session = ort.InferenceSession(model, sess_options=options, providers=providers)
-        except Exception:
-            if device != "auto" or len(providers) == 1:
-                raise
-            # 'auto': onnxruntime-gpu without a usable GPU or CUDA libraries; run on the CPU
-            self._session = ort.InferenceSession(model, sess_options=options, providers=[_CPU])
-        self._device = "cuda" if _CUDA in self._session.get_providers() else "cpu"
-        if device == "cuda" and self._device != "cuda":
-            raise RuntimeError("device='cuda' but ONNX Runtime could not start its CUDA provider")
+        self._session = make_session(str(self.model_path), threads, device, {"use_tf32": "0"})
+        self._device = session_device(self._session)
         inp = self._session.get_inputs()[0]
         self._input_name = inp.name
         self._chip_shape = tuple(int(d) for d in inp.shape[1:])
