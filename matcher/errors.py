@@ -38,3 +38,7 @@ class SettingsMismatchError(GalleryError):
 
 class StageError(FswError):
     """A stage that is not a folder inside the gallery."""
+
+
+class ModelError(FswError):
+    """A model file fsw ships or installs that is missing, unreadable or not the one it was measured with."""
