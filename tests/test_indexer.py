@@ -78,7 +78,9 @@ def test_group_photos_yield_one_descriptor_per_labelled_face(built_gallery, phot
     groups = {pid: who for pid, who in photo_tree.people.items() if len(who) > 1}
     assert len(groups) >= 5
     for pid, who in groups.items():
-        assert counts.get(pid, 0) == len(who), pid
+        # one face per labelled person, and at most one more: YuNet also finds an unlabelled face at the
+        # edge of g08 and, at score 0.6, a raised hand in g02 (docs/accuracy.md, "Face detection")
+        assert len(who) <= counts.get(pid, 0) <= len(who) + 1, pid
     assert not any(counts.get(pid) for pid, who in photo_tree.people.items() if who == {"none"})
 
 
@@ -156,8 +158,8 @@ def test_info_reports_counts_by_stage_and_settings(built_gallery, photo_tree):
     info = json.loads(fsw_index("info", "--gallery", built_gallery, "--json").stdout)
     assert info["photos"] == len(photo_tree.people)
     assert sum(info["stages"].values()) == info["photos"] and set(info["stages"]) == set(STAGES)
-    assert info["faces"] == sum(len(who - {"none"}) for who in photo_tree.people.values())
-    assert info["settings"]["detector"] == "hog" and len(info["settings"]["model"]) == 64
+    assert info["faces"] >= sum(len(who - {"none"}) for who in photo_tree.people.values())  # see above
+    assert info["settings"]["detector"] == "yunet" and len(info["settings"]["model"]) == 64
 
 
 def test_command_line_mistakes_get_one_clear_line(tmp_path, built_gallery):
