@@ -149,8 +149,12 @@ class FaceSearchJob(BaseModel):
     @classmethod
     def for_image(cls, data: bytes, media_type: str = "image/jpeg", **fields: Any) -> FaceSearchJob:
         """A job for an image's bytes, in the portal's format (a data URL)."""
-        url = f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
-        return parse_job({**fields, "image": url})
+        return parse_job({**fields, "image": data_url(data, media_type)})
+
+
+def data_url(data: bytes, media_type: str = "image/jpeg") -> str:
+    """An image's bytes as the portal sends them in `image`: `data:<media type>;base64,<bytes>`."""
+    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 class MatchEntry(BaseModel):
