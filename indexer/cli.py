@@ -19,9 +19,9 @@ import click
 from indexer.defaults import CHECKPOINT_S
 from indexer.pipeline import Summary, index_photos
 from indexer.progress import ProgressBar
-from matcher import layout
+from matcher import detectors, layout
 from matcher.defaults import DEFAULT_GALLERY
-from matcher.encoder import Encoder, EncoderSettings, default_detector
+from matcher.encoder import MIN_FACE, Encoder, EncoderSettings, default_detector
 from matcher.errors import FswError
 from matcher.gallery import Gallery
 from matcher.query import search_selfie
@@ -44,13 +44,14 @@ def _gallery_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _encoder_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option(
-            "--detector", type=click.Choice(["hog", "cnn"]), help="Face detector [default: hog; cnn with CUDA dlib]."
-        ),
-        click.option(
-            "--max-side", type=click.IntRange(80, 20000), help="Long side scaled to for detection [default: 1600]."
-        ),
-        click.option("--upsample", type=click.IntRange(0, 3), help="Detector upsampling for small faces [default: 1]."),
+        click.option("--detector", type=click.Choice(list(detectors.ENGINES)),
+                     help="Face detector [default: yunet; a gallery's own when it exists]."),
+        click.option("--max-side", type=click.IntRange(80, 20000),
+                     help="Long side scaled to for detection [default: 3072 for yunet, 1600 for hog and cnn]."),
+        click.option("--upsample", type=click.IntRange(0, 3),
+                     help="HOG/CNN upsampling for small faces [default: 1]."),
+        click.option("--min-face", type=click.IntRange(0, 10000),
+                     help=f"Faces narrower (px) are not indexed, only counted [default: {MIN_FACE}]."),
         click.option("--jitters", type=click.IntRange(1, 100), help="Re-samplings averaged per face [default: 1]."),
         click.option("--encoder", "engine", type=click.Choice(["onnx", "dlib"]), default="onnx", show_default=True,
                      help="Descriptor engine; both give the same descriptors."),
@@ -61,6 +62,14 @@ def _encoder_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _fleet_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--fleet", is_flag=True,
+        help="Encode on every fsw-worker attached to Redis (queue fsw-encode) instead of this machine's cores; "
+             "Redis as for fsw-worker (REDIS_URL, .env). See docs/fleet.md.",
+    )(f)
 
 
 def _errors(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,8 +97,9 @@ def main() -> None:
 @click.argument("photos_dir", type=click.Path(path_type=Path))
 @_gallery_option
 @_encoder_options
+@_fleet_option
 @_errors
-def build(photos_dir: Path, gallery: Path, jobs: int | None, checkpoint_s: float, **encoder: Any) -> None:
+def build(photos_dir: Path, gallery: Path, jobs: int | None, checkpoint_s: float, fleet: bool, **encoder: Any) -> None:
     """Index every photo under PHOTOS_DIR (jpg, jpeg, png, webp) into a new gallery.
 
     Photo ids are paths relative to PHOTOS_DIR. Run the same command again after Ctrl-C or a crash
@@ -97,19 +107,22 @@ def build(photos_dir: Path, gallery: Path, jobs: int | None, checkpoint_s: float
 
     \b
         fsw-index build /srv/convocation/photos --gallery /srv/fsw/gallery
+        fsw-index build /srv/convocation/photos --gallery /srv/fsw/gallery --fleet
     """
     if not photos_dir.is_dir():
         raise FswError(f"{photos_dir} is not a folder of photos")
     settings = _settings(encoder, recorded=_recorded_if_gallery(gallery))
-    _index(gallery, [photos_dir], settings, jobs, checkpoint_s, "build", photo_root=photos_dir)
+    _index(gallery, [photos_dir], settings, jobs, checkpoint_s, "build", photo_root=photos_dir, fleet=fleet)
 
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_gallery_option
 @_encoder_options
+@_fleet_option
 @_errors
-def add(paths: tuple[Path, ...], gallery: Path, jobs: int | None, checkpoint_s: float, **encoder: Any) -> None:
+def add(paths: tuple[Path, ...], gallery: Path, jobs: int | None, checkpoint_s: float, fleet: bool,
+        **encoder: Any) -> None:
     """Index new photos or folders (below the gallery's photo root), e.g. a new event's stage.
 
     Photos already indexed are skipped; the cost is that of the new photos only. Encoder settings
@@ -119,7 +132,7 @@ def add(paths: tuple[Path, ...], gallery: Path, jobs: int | None, checkpoint_s: 
         fsw-index add /srv/convocation/photos/Day-3 --gallery /srv/fsw/gallery
     """
     settings = _settings(encoder, recorded=layout.read_manifest(gallery).settings)
-    _index(gallery, list(paths), settings, jobs, checkpoint_s, "add")
+    _index(gallery, list(paths), settings, jobs, checkpoint_s, "add", fleet=fleet)
 
 
 @main.command()
@@ -219,17 +232,30 @@ def _recorded_if_gallery(gallery: Path) -> dict[str, Any] | None:
 
 
 def _index(gallery: Path, paths: list[Path], settings: EncoderSettings, jobs: int | None, checkpoint_s: float,
-           command: str, photo_root: Path | None = None) -> None:
+           command: str, photo_root: Path | None = None, fleet: bool = False) -> None:
+    encoding = _fleet_encoding() if fleet else None
     line = ProgressBar()
     try:
         summary = index_photos(gallery, paths, settings, photo_root=photo_root, jobs=jobs, command=command,
-                               checkpoint_s=checkpoint_s, on_progress=line)
+                               checkpoint_s=checkpoint_s, on_progress=line, encoding=encoding)
     finally:
         line.close()
     _print_summary(summary)
     if summary.interrupted:
         click.echo("interrupted: finished photos are committed; run the same command again to resume", err=True)
         sys.exit(130)
+
+
+def _fleet_encoding() -> Any:
+    """The fleet's encoding, with Redis read as fsw-worker reads it (the environment, then ./.env)."""
+    from dotenv import load_dotenv
+
+    from indexer.fleet import FleetEncoding, FleetSettings
+
+    load_dotenv(Path.cwd() / ".env", override=False)
+    fleet = FleetSettings.from_env()
+    click.echo(f"encoding on the fleet: queue {fleet.queue!r} at {fleet.redis_display}", err=True)
+    return FleetEncoding(fleet)
 
 
 def _print_summary(s: Summary) -> None:
@@ -240,6 +266,8 @@ def _print_summary(s: Summary) -> None:
     )
     for item in s.skipped:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
+    if s.workers:
+        click.echo(f"encoded by {len(s.workers)} fsw-worker{'s' if len(s.workers) > 1 else ''}: {', '.join(s.workers)}")
     click.echo(f"summary written to {Path(s.gallery) / layout.SUMMARY_NAME}")
 
 
@@ -305,6 +333,40 @@ def eval_(labels: Path, gallery: Path | None, out: Path, threshold: float, selfi
         click.echo("matplotlib is not installed: no eval.png (pip install matplotlib)", err=True)
     else:
         click.echo(f"written: {out / 'eval.json'}, {out / 'eval.png'}")
+
+
+@main.command("eval-detection")
+@click.argument("boxes", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--detector", "configs", multiple=True, metavar="NAME[:KEY=VALUE,...]",
+              help="A detector and its settings (max_side, upsample, score), e.g. hog:upsample=2 or "
+                   "yunet:score=0.7; repeat to compare [default: yunet and hog].")
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="ONNX Runtime threads for YuNet (HOG uses one core).")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write detection.json to this folder.")
+@_errors
+def eval_detection(boxes: Path, configs: tuple[str, ...], threads: int, out: Path | None) -> None:
+    """Measure face detection on annotated photos: recall by face width, false faces, ms a photo.
+
+    BOXES is a CSV of face boxes (file,left,top,width,height,...,invalid: WIDER FACE's, as
+    ../shared/events/boxes.csv), its images in images/ beside it; they are read in place. Prints a
+    Markdown table; see docs/accuracy.md, "Face detection".
+
+    \b
+        fsw-index eval-detection ../shared/events/boxes.csv --detector yunet --detector hog:upsample=2
+    """
+    from indexer.detection_eval import evaluate_detection, parse_config
+
+    parsed = [parse_config(c) for c in configs or ("yunet", "hog")]
+    report = evaluate_detection(boxes, parsed, threads=threads,
+                                on_photo=lambda done, total: click.echo(f"  {done}/{total} photos", err=True))
+    click.echo(f"{report.boxes}: {report.photos} photos, a face is found at IoU >= {report.min_iou}; "
+               f"{threads} thread(s)")
+    click.echo(report.table())
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "detection.json").write_text(report.to_json())
+        click.echo(f"written: {out / 'detection.json'}")
 
 
 if __name__ == "__main__":  # pragma: no cover
