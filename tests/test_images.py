@@ -8,8 +8,7 @@ from PIL import Image
 
 from matcher.errors import ImageError
 from matcher.images import is_photo, load_image
-
-from images_util import encoded, png_bomb, sideways_with_exif, truncated_jpeg
+from testkit.images import encoded, png_bomb, sideways_with_exif, truncated_jpeg
 
 
 def test_exif_orientation_is_applied(faces_dir, tmp_path):

@@ -18,9 +18,8 @@ from matcher.errors import NoFaceError
 from matcher.gallery import Gallery
 from matcher.query import search_selfie
 from matcher.writer import GalleryWriter
-
-from conftest import STAGES, PhotoTree
-from images_util import sideways_with_exif, write_bad_files
+from testkit.images import sideways_with_exif, write_bad_files
+from testkit.photos import STAGES, PhotoTree
 
 BIN = Path(sys.executable).parent
 NOT_PEOPLE = {"unknown", "none"}

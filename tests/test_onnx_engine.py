@@ -1,12 +1,11 @@
 """The ONNX conversion of dlib's face ResNet against dlib itself, and the converter's file checks.
 
-Real faces come from the labelled face set (`FSW_FACES`, default `../shared/faces`), read in place.
+Real faces come from the labelled face set (tests/data/faces, or `FSW_FACES`), read in place.
 Conversions go to a temporary cache folder (`cache_dir`), never to the user's cache.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import warnings
@@ -20,6 +19,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageOps
 
+from indexer.labels import Label
 from matcher import onnx_convert
 from matcher.onnx_convert import (
     AddPrev,
@@ -37,7 +37,6 @@ from matcher.onnx_convert import (
 )
 from matcher.onnx_engine import OnnxEngine
 
-ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS = (0.40, 0.45, 0.50, 0.55, 0.60)
 
 
@@ -50,14 +49,6 @@ def _models():  # type: ignore[no-untyped-def]
 
 
 DAT = Path(_models().face_recognition_model_location())
-
-
-@pytest.fixture(scope="module")
-def onnx_faces_dir() -> Path:
-    faces = Path(os.environ.get("FSW_FACES", ROOT.parent / "shared" / "faces"))
-    if not (faces / "labels.csv").is_file():
-        pytest.fail(f"labelled faces not found at {faces}: set FSW_FACES to a folder with labels.csv")
-    return faces
 
 
 @pytest.fixture(scope="module")
@@ -78,24 +69,22 @@ class RealFaces:
 
 
 @pytest.fixture(scope="module")
-def real_faces(onnx_faces_dir: Path) -> RealFaces:
+def real_faces(labels: list[Label]) -> RealFaces:
     models = _models()
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(models.pose_predictor_five_point_model_location())
     facerec = dlib.face_recognition_model_v1(models.face_recognition_model_location())
-    with open(onnx_faces_dir / "labels.csv", newline="") as f:
-        files = [row["file"] for row in csv.DictReader(f)]
-    assert any(f.startswith("gallery/") for f in files) and any(f.startswith("queries/") for f in files)
+    assert any(x.file.startswith("gallery/") for x in labels) and any(x.file.startswith("queries/") for x in labels)
     chips: list[np.ndarray] = []
     where: list[str] = []
-    for name in files:
-        with Image.open(onnx_faces_dir / name) as im:
+    for x in labels:
+        with Image.open(x.path) as im:
             img = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
         for i, box in enumerate(detector(img, 1)):
             shape = predictor(img, box)
             chips.append(dlib.get_face_chip(img, shape, size=150, padding=0.25))
-            where.append(f"{name}#{i}")
-    assert len(chips) >= 40, f"only {len(chips)} faces found in {onnx_faces_dir}"
+            where.append(f"{x.file}#{i}")
+    assert len(chips) >= 40, f"only {len(chips)} faces found in the labelled set"
     reference = np.asarray([np.asarray(d) for d in facerec.compute_face_descriptor(chips)], dtype=np.float32)
     return RealFaces(chips, where, reference)
 

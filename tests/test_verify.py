@@ -17,6 +17,7 @@ import pytest
 
 from matcher import layout
 from matcher.verify import check_gallery, verify_gallery
+from testkit.photos import lay_out
 
 BIN = Path(sys.executable).parent
 
@@ -25,8 +26,6 @@ BIN = Path(sys.executable).parent
 def sound(labels, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from indexer.pipeline import index_photos
     from matcher.encoder import EncoderSettings
-
-    from conftest import lay_out
 
     tree = lay_out([x for x in labels if x.split == "gallery"][:6], tmp_path_factory.mktemp("verify-photos"))
     gallery = tmp_path_factory.mktemp("verify") / "g"

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,23 @@ import redis
 
 from indexer.pipeline import index_photos
 from matcher.encoder import EncoderSettings
+from testkit.jobs import JobOutcome, run_jobs, selfie_job
+from testkit.photos import PhotoTree
+from testkit.redis_server import RedisServer
+from testkit.worker_process import BIN, start_worker
 from worker.service import node_client_name
-
-from conftest import VENV_BIN, JobOutcome, PhotoTree, RedisServer, run_jobs, selfie_job, start_worker
 
 
 def fsw_index(*args: str) -> None:
-    done = subprocess.run([str(VENV_BIN / "fsw-index"), *args], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(BIN / "fsw-index"), *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still not so after {timeout} s"
+        time.sleep(0.05)
 
 
 def test_gallery_built_added_to_and_removed_from_is_served_without_restart_or_failed_job(
@@ -61,12 +71,14 @@ def test_gallery_built_added_to_and_removed_from_is_served_without_restart_or_fa
         asker = threading.Thread(target=keep_asking)
         asker.start()
         try:
+            wait_until(lambda: len(during) >= 1)  # one answered from version 1 before the add begins
             (photos / "Day-3").mkdir()
             for name in ("g15.jpg", "g02.jpg"):  # biden and obama, twice
                 shutil.copy(faces_dir / "gallery" / name, photos / "Day-3" / name)
             index_photos(gallery, [photos / "Day-3"], EncoderSettings(), jobs=1, command="add")
             worker.wait_record(lambda rec: rec["gallery_version"] == 2, timeout=15)
-            time.sleep(1)
+            after_reload = len(during)
+            wait_until(lambda: len(during) >= after_reload + 2)  # and some after the reload
         finally:
             stop.set()
             asker.join(timeout=60)
@@ -95,10 +107,7 @@ def test_worker_waits_for_a_password_protected_redis_and_survives_its_restart(
     worker = start_worker(url, built_gallery, queue, tmp_path, wait=False, REDIS_URL="", REDIS_HOST="127.0.0.1",
                           REDIS_PORT=str(private_redis.port), REDIS_PASSWORD="fsw-test-secret")
     try:
-        deadline = time.monotonic() + 30
-        while "unavailable" not in worker.log_text() and time.monotonic() < deadline:
-            assert worker.proc.poll() is None, worker.log_text()
-            time.sleep(0.1)
+        worker.wait_log("unavailable")
         assert "Redis at redis://:***@127.0.0.1" in worker.log_text(), worker.log_text()
         private_redis.start()
         worker.wait_record(lambda rec: rec["status"] == "online", timeout=30)

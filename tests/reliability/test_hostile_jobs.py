@@ -15,11 +15,9 @@ end: most fail within milliseconds, so thousands go through one worker in about 
 
 from __future__ import annotations
 
-import base64
 import io
 import random
 import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +26,12 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, Phase, given, settings
 from PIL import Image
 
-from .worker_harness import add_jobs, rss_mb, wait_jobs
-from conftest import selfie_job, start_worker
+from schemas.job import data_url
+from testkit.images import png_bomb
+from testkit.jobs import add_jobs, selfie_job
+from testkit.worker_process import start_worker
+
+from .worker_harness import rss_mb, wait_jobs
 
 QUEUE = "rel-hostile"
 RSS_BOUND_MB = 150.0
@@ -55,16 +57,7 @@ def _formats(selfie: Path) -> dict[str, bytes]:
 
 
 def _url(data: bytes, kind: str = "jpeg") -> str:
-    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
-
-
-def _png_bomb(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = chunk(b"IDAT", zlib.compress(b"\0" * 4096))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+    return data_url(data, f"image/{kind}")
 
 
 def _jpeg_bomb(jpeg: bytes, width: int, height: int) -> bytes:
@@ -107,7 +100,7 @@ def case_strategy(images: dict[str, bytes]) -> st.SearchStrategy[Case]:
                           st.randoms(use_true_random=False))
     dims = st.tuples(st.integers(20_000, 60_000), st.integers(20_000, 60_000))
     bombs = st.one_of(
-        dims.map(lambda d: Case("png bomb", {"image": _url(_png_bomb(*d), "png")}, True)),
+        dims.map(lambda d: Case("png bomb", {"image": _url(png_bomb(*d), "png")}, True)),
         dims.map(lambda d: Case("jpeg bomb", {"image": _url(_jpeg_bomb(images["jpeg"], *d))}, True)),
         dims.map(lambda d: Case("webp bomb", {"image": _url(_webp_bomb(*d), "webp")}, True)),
     )
@@ -133,8 +126,7 @@ def case_strategy(images: dict[str, bytes]) -> st.SearchStrategy[Case]:
         corrupted,
         bombs,
         st.sampled_from(["image/svg+xml", "text/html", "image/gif", "application/pdf"]).map(
-            lambda t: Case("other media type", {"image": f"data:{t};base64," + base64.b64encode(b"<svg/>").decode()},
-                           True)),
+            lambda t: Case("other media type", {"image": data_url(b"<svg/>", t)}, True)),
     )
 
 

@@ -33,14 +33,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from indexer.labels import Label
 from matcher import layout
 from matcher.encoder import Encoder, EncoderSettings
 from matcher.errors import StageError
 from matcher.gallery import Gallery
 from matcher.query import selfie_descriptor
 from matcher.verify import verify_gallery
-
-from conftest import STAGES, Labelled, lay_out
+from testkit.photos import STAGES, lay_out
 
 FSW_INDEX = Path(sys.executable).parent / "fsw-index"
 # Kill times are drawn over [0, T], T the median time from start to last commit (+ 0.3 s) of uninterrupted
@@ -128,7 +128,7 @@ def _restricted(setup: Setup, keep: set[str]) -> dict[tuple[str, str], Answer]:
 
 
 @pytest.fixture(scope="module")
-def setup(labels: list[Labelled], tmp_path_factory: pytest.TempPathFactory, reliability_full: bool) -> Setup:
+def setup(labels: list[Label], tmp_path_factory: pytest.TempPathFactory, reliability_full: bool) -> Setup:
     tmp = tmp_path_factory.mktemp("index-kill")
     photos = [x for x in labels if x.split == "gallery"][: PHOTOS_FULL if reliability_full else PHOTOS_SHORT]
     queries_labelled = [x for x in labels if x.split == "query"]

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from .worker_harness import RssSampler, add_jobs, answer_key, percentile, read_jobs, wait_jobs
-from conftest import NODE_DIR, selfie_job, start_worker
+from testkit.jobs import NODE_CLIENT, add_jobs, selfie_job
+from testkit.worker_process import start_worker
+
+from .worker_harness import RssSampler, answer_key, percentile, read_jobs, wait_jobs
 
 QUEUE = "rel-overload"
 RSS_SLACK_MB = 25.0
@@ -33,8 +35,8 @@ def test_a_flood_of_jobs_all_complete_with_flat_memory(
     redis_url: str, built_gallery: Path, faces_dir: Path, tmp_path: Path, reliability_trials,
     reliability_report,  # type: ignore[no-untyped-def]
 ) -> None:
-    if not (NODE_DIR / "node_modules" / "bullmq").is_dir():
-        pytest.fail(f"the Node client is not installed: run `make install` (npm ci in {NODE_DIR})")
+    if not (NODE_CLIENT / "node_modules" / "bullmq").is_dir():
+        pytest.fail(f"the Node client is not installed: run `make install` (npm ci in {NODE_CLIENT})")
     count = reliability_trials(1000, 100)
     selfie = faces_dir / "queries" / "q08.jpg"
     workers = [start_worker(redis_url, built_gallery, QUEUE, tmp_path / f"w{i}", wait=False) for i in range(2)]
@@ -52,7 +54,7 @@ def test_a_flood_of_jobs_all_complete_with_flat_memory(
             done = subprocess.run(
                 ["node", "flood.mjs", "--redis", redis_url, "--queue", QUEUE, "--selfie", str(selfie),
                  "--count", str(count), "--timeout", "540000"],
-                cwd=NODE_DIR, capture_output=True, text=True, timeout=600,
+                cwd=NODE_CLIENT, capture_output=True, text=True, timeout=600,
             )
         finally:
             for s in samplers:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from redis.asyncio.connection import SSLConnection
 
+from testkit.jobs import run_jobs, selfie_job
+from testkit.redis_server import RedisServer
+from testkit.worker_process import BIN, start_worker
 from worker.settings import WorkerSettings
-
-from conftest import VENV_BIN, RedisServer, run_jobs, selfie_job, start_worker
 
 QUEUE = "rel-privacy"
 WINDOW = 40
@@ -58,13 +59,13 @@ def test_no_password_and_no_selfie_in_any_output(
         outcomes = run_jobs(private_redis.url, QUEUE, [selfie_job(s) for s in selfies]
                             + [{**selfie_job(selfies[0]), "stage": "Day-9"}, {**selfie_job(selfies[1]), "limit": 0}])
         for selfie in selfies:
-            outputs.append(_cli([str(VENV_BIN / "fsw-worker"), "submit", str(selfie)], url_env, tmp_path))
-        outputs.append(_cli([str(VENV_BIN / "fsw-worker"), "submit", str(selfies[2]), "--stage", "Day-1/Morning"],
+            outputs.append(_cli([str(BIN / "fsw-worker"), "submit", str(selfie)], url_env, tmp_path))
+        outputs.append(_cli([str(BIN / "fsw-worker"), "submit", str(selfies[2]), "--stage", "Day-1/Morning"],
                             split_env, tmp_path))
         for selfie in selfies[:2]:
-            outputs.append(_cli([str(VENV_BIN / "fsw-index"), "search", str(selfie), "--gallery", str(built_gallery)],
+            outputs.append(_cli([str(BIN / "fsw-index"), "search", str(selfie), "--gallery", str(built_gallery)],
                                 base_env, tmp_path))
-        outputs.append(_cli([str(VENV_BIN / "fsw-index"), "info", "--gallery", str(built_gallery)], base_env, tmp_path))
+        outputs.append(_cli([str(BIN / "fsw-index"), "info", "--gallery", str(built_gallery)], base_env, tmp_path))
         worker.wait_record(lambda rec: rec["jobs_processed"] + rec["jobs_failed"] >= len(outcomes) + len(selfies) + 1,
                            timeout=30)
     finally:

@@ -5,9 +5,10 @@ so the queue survives the restart. Two kinds of trial alternate:
 
 - idle: stop Redis, wait 2 s, start it; then send a job. Recovery is the time from Redis answering
   again to that job completed; both workers' heartbeats must resume.
-- in flight: a slow job in a worker's hands and quick jobs waiting when Redis stops; after the restart
-  every one of them completes with the right answer (the job in hand either finishes once its worker
-  reaches Redis again or, its lock lost, is taken again after the stalled check).
+- in flight: jobs in the workers' hands (held at their gate, `testkit.gate`, until Redis is back) and
+  more waiting when Redis stops; after the restart every one of them completes with the right answer
+  (a job in hand either finishes once its worker reaches Redis again or, its lock lost, is taken again
+  after the stalled check).
 """
 
 from __future__ import annotations
@@ -15,22 +16,27 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .worker_harness import PersistentRedis, active_ids, add_jobs, answer_key, wait_jobs
-from conftest import WorkerProcess, selfie_job, start_worker
+from testkit.gate import Gate
+from testkit.jobs import add_jobs, selfie_job
+from testkit.redis_server import RedisServer
+from testkit.worker_process import WorkerProcess, start_worker
+
+from .worker_harness import active_ids, answer_key, wait_jobs
 
 QUEUE = "rel-redis-restart"
 PASSWORD = "fsw-reliability-test-secret"
 
 
 def test_workers_reconnect_and_answer_after_redis_restarts(
-    built_gallery: Path, faces_dir: Path, slow_selfie: Path, tmp_path: Path,
+    built_gallery: Path, faces_dir: Path, big_selfie: Path, tmp_path: Path,
     reliability_trials, reliability_report,  # type: ignore[no-untyped-def]
 ) -> None:
     trials = reliability_trials(4, 2)  # alternately idle and in flight
     (tmp_path / "redis").mkdir()
-    server = PersistentRedis(tmp_path / "redis", password=PASSWORD)
+    server = RedisServer(tmp_path / "redis", password=PASSWORD, persistent=True)
     url = server.url
-    slow, quick = selfie_job(slow_selfie), selfie_job(faces_dir / "queries" / "q01.jpg")
+    gate = Gate(tmp_path / "gate")
+    slow, quick = selfie_job(big_selfie), selfie_job(faces_dir / "queries" / "q01.jpg")  # a large upload, a small one
     workers: list[WorkerProcess] = []
     failures: list[str] = []
     sent = answered = wrong = 0
@@ -38,7 +44,7 @@ def test_workers_reconnect_and_answer_after_redis_restarts(
     idle: list[float] = []
     flight: list[float] = []
     try:
-        workers = [start_worker(url, built_gallery, QUEUE, tmp_path / f"w{i}", wait=False) for i in range(2)]
+        workers = [start_worker(url, built_gallery, QUEUE, tmp_path / f"w{i}", wait=False, gate=gate) for i in range(2)]
         for w in workers:
             w.wait_record(lambda rec: rec["status"] == "online", timeout=120)
         ref_ids = add_jobs(url, QUEUE, [slow, quick])
@@ -52,16 +58,15 @@ def test_workers_reconnect_and_answer_after_redis_restarts(
             ids: list[str] = []
             if in_flight:
                 kinds = ["slow", "slow", "quick", "quick", "quick"]
+                gate.close()
                 ids = add_jobs(url, QUEUE, [slow if k == "slow" else quick for k in kinds])
-                deadline = time.monotonic() + 60
-                while not active_ids(url, QUEUE) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                time.sleep(0.3)  # well inside the slow job
+                gate.wait_entered(1)
                 if not active_ids(url, QUEUE):
                     failures.append(f"trial {trial}: no job in hand when Redis stopped")
             server.stop()
             time.sleep(2)
             server.start()
+            gate.open()
             back = time.monotonic()
             back_epoch = time.time()
             if not in_flight:

@@ -17,16 +17,18 @@ from pathlib import Path
 
 from indexer.pipeline import index_photos
 from matcher.encoder import EncoderSettings
+from testkit.jobs import JobOutcome, run_jobs, selfie_job
+from testkit.photos import PhotoTree
+from testkit.worker_process import BIN, start_worker
 
 from .worker_harness import answer_key
-from conftest import VENV_BIN, JobOutcome, PhotoTree, run_jobs, selfie_job, start_worker
 
 QUEUE = "rel-update"
 SETTLE_S = 3.0  # the worker polls the manifest every 2 s: each state is served for a while
 
 
 def _index(*args: str) -> None:
-    done = subprocess.run([str(VENV_BIN / "fsw-index"), *args], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(BIN / "fsw-index"), *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 
 

@@ -16,20 +16,22 @@ import random
 import time
 from pathlib import Path
 
-from .worker_harness import active_ids, add_jobs, answer_key, completions_per_job, read_jobs, wait_jobs
-from conftest import WorkerProcess, selfie_job, start_worker
+from testkit.jobs import add_jobs, selfie_job
+from testkit.worker_process import WorkerProcess, start_worker
+
+from .worker_harness import active_ids, answer_key, completions_per_job, read_jobs, wait_jobs
 
 QUEUE = "rel-worker-kill"
 ENDED_WITHIN_S = 150  # lock expiry (<= 15 s) + two stalled checks (15 s apart) + the queue, under load
 
 
 def test_killed_worker_jobs_end_once_with_the_right_answer(
-    redis_url: str, built_gallery: Path, faces_dir: Path, slow_selfie: Path, tmp_path: Path,
+    redis_url: str, built_gallery: Path, faces_dir: Path, big_selfie: Path, tmp_path: Path,
     reliability_trials, reliability_report,  # type: ignore[no-untyped-def]
 ) -> None:
     trials = reliability_trials(2, 1)  # each trial waits out the lock and the stalled check
     rng = random.Random(5)
-    slow, quick = selfie_job(slow_selfie), selfie_job(faces_dir / "queries" / "q04.jpg")  # both obama
+    slow, quick = selfie_job(big_selfie), selfie_job(faces_dir / "queries" / "q04.jpg")  # both obama
     workers: list[WorkerProcess] = [start_worker(redis_url, built_gallery, QUEUE, tmp_path / f"w{i}", wait=False)
                                     for i in range(2)]
     failures: list[str] = []

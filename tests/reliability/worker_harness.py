@@ -1,5 +1,5 @@
-"""Pieces the worker scenarios share: a Redis that keeps its data across restarts, jobs added in bulk and
-followed through their Redis hashes, a worker's memory sampled over a run, percentiles.
+"""Pieces the worker scenarios share: jobs followed through their Redis hashes, a worker's memory
+sampled over a run, percentiles. (The Redis, the worker process and adding the jobs come from `testkit`.)
 
 Jobs are followed by reading their hashes (`bull:<queue>:<id>`) in one pipeline per poll rather than one
 `getJobState` call each, so thousands of jobs can be watched without the poll loading the machine.
@@ -7,10 +7,8 @@ Jobs are followed by reading their hashes (`bull:<queue>:<id>`) in one pipeline 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -19,28 +17,6 @@ from typing import Any
 
 import psutil
 import redis
-
-from conftest import RedisServer
-
-
-class PersistentRedis(RedisServer):
-    """A private redis-server with an append-only file: queued jobs survive `stop()` and `start()`."""
-
-    def start(self) -> None:
-        args = [self.binary or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with redis.Redis.from_url(self.url, socket_timeout=1) as r:
-                    if r.ping():
-                        return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
 
 
 @dataclass
@@ -66,25 +42,6 @@ class Ended:
     def service_s(self) -> float:
         assert self.finished_ms is not None and self.processed_ms is not None
         return (self.finished_ms - self.processed_ms) / 1000
-
-
-def add_jobs(url: str, queue: str, datas: list[dict[str, Any]], chunk: int = 200) -> list[str]:
-    """Add `process-face` jobs (attempts 1, the portal's options) with Queue.addBulk; their ids in order."""
-    from bullmq import Queue
-
-    async def go() -> list[str]:
-        q = Queue(queue, {"connection": url})
-        try:
-            ids: list[str] = []
-            for start in range(0, len(datas), chunk):
-                jobs = await q.addBulk([{"name": "process-face", "data": d, "opts": {"attempts": 1}}
-                                        for d in datas[start:start + chunk]])
-                ids += [str(j.id) for j in jobs]
-            return ids
-        finally:
-            await q.close()
-
-    return asyncio.run(go())
 
 
 def read_jobs(url: str, queue: str, ids: list[str]) -> dict[str, Ended]:

@@ -1,4 +1,4 @@
-"""Hand-made bad and rotated images for the tests."""
+"""Hand-made bad, huge and rotated images: what a photo tree or a selfie upload may hold at its worst."""
 
 from __future__ import annotations
 
