@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from indexer.defaults import EVAL_THRESHOLDS
@@ -75,11 +74,9 @@ class Faces:
     def gallery(self) -> Gallery:
         """These faces as a gallery held in memory (every photo live, no boxes), to be searched as any."""
         vectors = np.ascontiguousarray(self.vectors, dtype=np.float32).reshape(-1, 128)
-        index = faiss.IndexFlatL2(128)
-        index.add(vectors)
         ids = np.asarray(self.ids, dtype=object)
         return Gallery(Path(), layout.Manifest(), ids, np.ones(len(ids), bool), np.asarray(self.photo, np.int32),
-                       np.zeros((len(vectors), 4), np.int32), index)
+                       np.zeros((len(vectors), 4), np.int32), vectors)
 
 
 def answers(faces: Faces | Gallery, descriptor: np.ndarray, thresholds: Sequence[float],

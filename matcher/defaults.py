@@ -41,6 +41,17 @@ EXPANSION_MARGIN = 0.05
 # look-alike from pulling the query.
 EXPANSION_MIN_MATCHES = 1
 
+# -- the scan (`matcher.scan`) ---------------------------------------------------------------------------
+
+# A scan is split over threads only in parts of at least 65,536 rows (32 MiB, ~2 ms at memory speed):
+# handing a part to a thread costs tens of microseconds, and a stage of a few thousand faces is scanned
+# faster by one thread than that.
+SCAN_MIN_ROWS_PER_THREAD = 1 << 16
+# A stage's rows that lie in runs shorter than this are copied together and scanned in one FAISS call: a
+# call costs about as much as scanning a thousand rows, so a stage scattered by many small `add`s costs
+# at most about twice its rows.
+SCAN_GATHER_ROWS = 1024
+
 # -- the descriptor engine -----------------------------------------------------------------------------
 
 # Chips per ONNX Runtime call; larger batches are split, which bounds the activation memory (on a GPU too).

@@ -5,7 +5,7 @@ those of its surest matches moves the query toward the person's centre in descri
 search under the same rule finds photos that the selfie alone misses (average query expansion).
 
 The rule, for a search at `threshold`:
-1. Candidates: for each live photo of the gallery (whatever the job's stage and exclusions, which only
+1. Candidates: for each live photo of the job's stage (the whole gallery without one; exclusions only
    filter the results), its face closest to the selfie's descriptor `q` (a person is in a photo once);
    the confident ones have `similarity(q, f) > threshold + MARGIN`.
 2. Agreement: a confident face `f` is kept when `similarity(f, m) > threshold + MARGIN`, where `m` is the
@@ -26,7 +26,7 @@ import numpy as np
 from matcher.defaults import EXPANSION_MARGIN as MARGIN
 from matcher.defaults import EXPANSION_MIN_MATCHES as MIN_MATCHES
 from matcher.gallery import Gallery
-from matcher.search import best_face_per_photo, check_threshold, exact_distances, range_search
+from matcher.search import best_face_per_photo, check_threshold, exact_distances
 
 
 @dataclass(frozen=True)
@@ -81,17 +81,17 @@ def expand_query(
     threshold: float = 0.5,
     margin: float = MARGIN,
     min_matches: int = MIN_MATCHES,
+    stage: str | None = "",
 ) -> Expansion:
-    """The expanded query for a search of `gallery` at `threshold` (see the module's rule).
+    """The expanded query for a search of `gallery`'s `stage` at `threshold` (see the module's rule).
 
-    The evidence is every live photo of the gallery, whatever the job's stage and exclusions: those only
-    filter what is returned, so a stage's answer is the whole gallery's answer filtered to the stage, and
-    a photo excluded after the search (as the worker does) gives the same answer as one excluded in it.
-    Costs one range search at `threshold + margin` (fewer hits than the search itself).
+    The evidence is every live photo of the stage, the rows the search itself scans (`Gallery.scan`), so a
+    job costs what its stage holds. Exclusions only filter what is returned: a photo excluded after the
+    search (as the worker does) gives the same answer as one excluded in it. Costs one scan at
+    `threshold + margin` (fewer hits than the search itself).
     """
     threshold = check_threshold(threshold)
-    rows, distances = range_search(gallery.index, gallery.vectors, descriptor, min(threshold + margin, 1.0))
-    keep = gallery.face_live[rows]
-    best = best_face_per_photo(rows[keep], distances[keep], gallery.face_photo)
+    rows, distances = gallery.scan(descriptor, min(threshold + margin, 1.0), gallery.check_stage(stage))
+    best = best_face_per_photo(rows, distances, gallery.face_photo)
     expansion = refine(descriptor, gallery.vectors[best], threshold, margin, min_matches)
     return replace(expansion, used=best[expansion.used])

@@ -1,15 +1,21 @@
 """A gallery opened for searching: the committed version, held in memory.
 
 `Gallery.open(folder)` loads what the manifest names: photo and face metadata from the row files (only
-the committed rows, see `matcher.rows`) and the descriptors into a FAISS IndexFlatL2 (from the index file
-when there is one, plus any committed rows added after it). Any number of readers may open a gallery while
-its one writer (`matcher.writer.GalleryWriter`) works; a reader never sees a half-written version. The
-files: docs/gallery-format.md.
+the committed rows, see `matcher.rows`), and the descriptors (`matcher.scan.Descriptors`): the FAISS
+index file's rows memory-mapped read-only, so that the worker processes of a machine share one copy
+through the page cache, then the committed rows added after that file, read from the row files. Any
+number of readers may open a gallery while its one writer (`matcher.writer.GalleryWriter`) works; a
+reader never sees a half-written version. The files: docs/gallery-format.md.
+
+At load, the face rows of every folder (a stage) are noted as row ranges (`Gallery.scopes`), so a search
+with a stage scans that stage's rows only (`matcher.scan`). `Gallery.scan` is the one search of the
+rows, for `search` and for query expansion alike; `Gallery.visible` decides which faces it may show.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +23,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from matcher import defaults, layout, rows
+from matcher import defaults, layout, rows, scan
 from matcher.errors import GalleryError, StageError
 from matcher.search import (
     DEFAULT_THRESHOLD,
@@ -48,7 +54,8 @@ class Gallery:
         photo_live: np.ndarray,
         face_photo: np.ndarray,
         face_boxes: np.ndarray,
-        index: faiss.IndexFlatL2,
+        vectors: scan.Descriptors | np.ndarray,
+        scanner: scan.Scanner | None = None,
     ):
         self.folder = folder
         self.manifest = manifest
@@ -56,10 +63,14 @@ class Gallery:
         self.photo_live = photo_live
         self.face_photo = face_photo
         self.face_boxes = face_boxes
-        self.index = index
-        self.vectors = _index_vectors(index)
+        if not isinstance(vectors, scan.Descriptors):
+            vectors = scan.Descriptors([np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, scan.DIM)])
+        self.vectors = vectors
+        self.scanner = scanner or scan.CpuScan(vectors)
         self.face_live = photo_live[face_photo] if len(face_photo) else np.zeros(0, bool)
-        self.folders = _folders(photo_ids[photo_live])
+        self.scopes = stage_scopes(photo_ids, photo_live, face_photo)
+        self.folders = frozenset(self.scopes)
+        self._counts = (int(self.photo_live.sum()), int(self.face_live.sum()))
 
     @property
     def version(self) -> int:
@@ -71,21 +82,31 @@ class Gallery:
 
     @property
     def photo_count(self) -> int:
-        return int(self.photo_live.sum())
+        return self._counts[0]
 
     @property
     def face_count(self) -> int:
-        return int(self.face_live.sum())
+        return self._counts[1]
 
     @classmethod
-    def open(cls, folder: str | Path, attempts: int = defaults.GALLERY_OPEN_ATTEMPTS) -> Gallery:
-        """Load the committed version. Retries briefly if a writer commits while we read."""
+    def open(
+        cls,
+        folder: str | Path,
+        attempts: int = defaults.GALLERY_OPEN_ATTEMPTS,
+        gpu: int | None = None,
+        on_gpu_fallback: Callable[[], None] | None = None,
+    ) -> Gallery:
+        """Load the committed version. Retries briefly if a writer commits while we read.
+
+        gpu: search on that CUDA device when FAISS has GPU support (`matcher.gpu`), falling back to the
+        CPU on any CUDA error, each time reported to `on_gpu_fallback`; None, or no GPU FAISS: the CPU.
+        """
         folder = Path(folder)
         last: Exception | None = None
         for _ in range(attempts):
             manifest = layout.read_manifest(folder)
             try:
-                gallery = cls._load(folder, manifest)
+                gallery = cls._load(folder, manifest, gpu, on_gpu_fallback)
             except (OSError, KeyError, ValueError, RuntimeError) as e:
                 last = e
                 time.sleep(defaults.GALLERY_OPEN_RETRY_S)
@@ -96,12 +117,20 @@ class Gallery:
         raise GalleryError(f"could not read the gallery at {folder}: {last or 'it kept changing'}")
 
     @classmethod
-    def _load(cls, folder: Path, m: layout.Manifest) -> Gallery:
+    def _load(
+        cls, folder: Path, m: layout.Manifest, gpu: int | None, on_gpu_fallback: Callable[[], None] | None
+    ) -> Gallery:
         got = rows.read_rows(folder, m, ("id", "removed_at"), ("photo", "box"))
         live = rows.live(got.photos["removed_at"], m.version)
         face_photo = got.faces["photo"].astype(np.int32)
         boxes = got.faces["box"].astype(np.int32)
-        return cls(folder, m, got.photos["id"], live, face_photo, boxes, _load_index(folder, m))
+        vectors = _load_descriptors(folder, m)
+        scanner = None
+        if gpu is not None:
+            from matcher.gpu import gpu_scanner
+
+            scanner = gpu_scanner(vectors, gpu, on_gpu_fallback)
+        return cls(folder, m, got.photos["id"], live, face_photo, boxes, vectors, scanner)
 
     def check_stage(self, stage: str | None) -> str:
         """The stage as a normalised folder id ('' for the whole gallery); StageError if it is not one."""
@@ -116,6 +145,22 @@ class Gallery:
             raise StageError(f"unknown stage {stage!r}: no photos under that folder in the gallery")
         return stage
 
+    def visible(self, rows: np.ndarray) -> np.ndarray:
+        """Which of these face rows a search may return or learn from: the one place a face is hidden.
+
+        Today: the faces of photos this version shows (`face_live`). A face hidden here is neither
+        returned nor used by query expansion, since both search through `scan`.
+        """
+        return self.face_live[rows]
+
+    def scan(self, descriptor: np.ndarray, threshold: float, stage: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """Visible face rows within `threshold` of `descriptor`, in the stage's rows ('' for all), with
+        their exact distances (unordered). `stage` must have passed `check_stage`."""
+        scope = self.scopes[stage] if stage else None
+        rows, distances = range_search(self.scanner, self.vectors, descriptor, threshold, scope)
+        keep = self.visible(rows)
+        return rows[keep], distances[keep]
+
     def search(
         self,
         descriptor: np.ndarray,
@@ -126,19 +171,17 @@ class Gallery:
     ) -> list[Match]:
         """Photos with a face within the threshold of `descriptor`, best first, one entry per photo.
 
-        stage: only photos under that folder (at folder boundaries); exclude: photo ids to leave out.
+        stage: only photos under that folder (at folder boundaries), and only its rows are scanned;
+        exclude: photo ids to leave out.
         """
         threshold = check_threshold(threshold)
         stage = self.check_stage(stage)
-        hits, distances = range_search(self.index, self.vectors, descriptor, threshold)
-        keep = self.face_live[hits]
-        if stage or exclude:
-            prefix = stage + "/"
+        hits, distances = self.scan(descriptor, threshold, stage)
+        if exclude:
             ids = self.photo_ids[self.face_photo[hits]]
-            keep &= np.fromiter(
-                ((not stage or i.startswith(prefix)) and i not in exclude for i in ids), bool, len(ids)
-            )
-        return best_per_photo(hits[keep], distances[keep], self.face_photo, self.photo_ids, self.face_boxes, limit)
+            keep = np.fromiter((i not in exclude for i in ids), bool, len(ids))
+            hits, distances = hits[keep], distances[keep]
+        return best_per_photo(hits, distances, self.face_photo, self.photo_ids, self.face_boxes, limit)
 
     def stats(self) -> GalleryStats:
         live_ids = self.photo_ids[self.photo_live]
@@ -150,32 +193,55 @@ class Gallery:
         return GalleryStats(self.version, len(live_ids), self.face_count, len(live_ids) - with_faces, stages)
 
 
-def _load_index(folder: Path, m: layout.Manifest) -> faiss.IndexFlatL2:
-    """The index file's rows, then committed rows written after it, read from the row files."""
+def _load_descriptors(folder: Path, m: layout.Manifest) -> scan.Descriptors:
+    """The index file's rows, memory-mapped, then committed rows written after it, read from the row files."""
+    blocks, mapped = [], None
     if m.index and m.index_faces <= m.faces and (folder / m.index).is_file():
-        index = faiss.read_index(str(folder / m.index))
-        if index.ntotal != m.index_faces or index.d != 128:
-            raise GalleryError(f"{m.index} holds {index.ntotal} faces, the manifest says {m.index_faces}")
-    else:
-        index = faiss.IndexFlatL2(128)
-    for block in rows.iter_descriptors(folder, m, start=index.ntotal):
-        index.add(block)
+        mapped = _map_index(folder / m.index)
+        if mapped.ntotal != m.index_faces or mapped.d != scan.DIM:
+            raise GalleryError(f"{m.index} holds {mapped.ntotal} faces, the manifest says {m.index_faces}")
+        if mapped.ntotal:
+            block = faiss.rev_swig_ptr(mapped.get_xb(), mapped.ntotal * mapped.d).reshape(-1, mapped.d)
+            block.flags.writeable = False  # the pages are mapped read-only: a write would crash the process
+            blocks.append(_touch(block))
+    tail = list(rows.iter_descriptors(folder, m, start=mapped.ntotal if mapped is not None else 0))
+    if tail:
+        blocks.append(np.concatenate(tail) if len(tail) > 1 else tail[0])
+    return scan.Descriptors(blocks, keep=mapped)
+
+
+def _map_index(path: Path) -> faiss.IndexFlat:
+    """A FAISS flat index file, its rows memory-mapped read-only and shared (MAP_SHARED, PROT_READ): every
+    process that maps the same file reads the same pages of the page cache."""
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    if not isinstance(index, faiss.IndexFlat):
+        raise GalleryError(f"{path.name} is not a flat FAISS index: rebuild it with `fsw-index build`")
     return index
 
 
-def _index_vectors(index: faiss.IndexFlatL2) -> np.ndarray:
-    """The index's own float32 rows, as a numpy view (no copy)."""
-    if index.ntotal == 0:
-        return np.zeros((0, index.d), np.float32)
-    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+def _touch(block: np.ndarray) -> np.ndarray:
+    """Read one value of every page of a mapped block, so that its pages are mapped (and read from disk if
+    need be) now, while a worker loads, rather than during its first search."""
+    flat = block.reshape(-1)
+    float(flat[:: 4096 // 4].sum())
+    return block
 
 
-def _folders(ids: np.ndarray) -> frozenset[str]:
-    """Every folder that holds a photo, directly or below it: the valid stages."""
-    out: set[str] = set()
-    for pid in ids:
-        folder = pid.rpartition("/")[0]
-        while folder and folder not in out:
-            out.add(folder)
+def stage_scopes(photo_ids: np.ndarray, photo_live: np.ndarray, face_photo: np.ndarray) -> dict[str, scan.Ranges]:
+    """Every folder that holds a live photo, directly or below it (the valid stages), and its live face
+    rows as sorted row ranges: one range for a folder indexed at once, a few after `add`s and replacements."""
+    codes: dict[str, int] = {}
+    leaf = np.full(len(photo_ids), -1, np.int32)  # each live photo's folder, as a code; -1 for removed ones
+    for row in np.flatnonzero(photo_live).tolist():
+        leaf[row] = codes.setdefault(photo_ids[row].rpartition("/")[0], len(codes))
+    starts, ends, owner = scan.runs(leaf[face_photo] if len(face_photo) else np.zeros(0, np.int32))
+    by_folder: dict[str, list[np.ndarray]] = {}
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(len(codes) + 1))
+    for folder, code in codes.items():
+        at = order[bounds[code] : bounds[code + 1]]
+        ranges = np.stack([starts[at], ends[at]], axis=1)
+        while folder:
+            by_folder.setdefault(folder, []).append(ranges)
             folder = folder.rpartition("/")[0]
-    return frozenset(out)
+    return {folder: scan.merge(parts) for folder, parts in by_folder.items()}

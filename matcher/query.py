@@ -14,8 +14,9 @@ The query descriptor, with the default settings:
 - `selfie_mirror`: the same face in the left-right mirrored selfie (same box, mirrored; landmarks fitted
   again) is encoded too, in the same engine call, and the two descriptors are averaged. A deterministic
   test-time augmentation: the same selfie always gives the same descriptor, unlike random jitter;
-- `selfie_expansion`: the descriptor is refined with the gallery faces it matched with high
-  confidence (`matcher.expansion`), and the search runs with the refined descriptor.
+- `selfie_expansion`: the descriptor is refined with the faces of the job's stage (the whole gallery
+  without one) it matched with high confidence (`matcher.expansion`), and the search runs with the
+  refined descriptor.
 Every result has `similarity = 1 - |query descriptor - face descriptor| > threshold`.
 """
 
@@ -91,11 +92,12 @@ def search_descriptor(
 ) -> list[Match]:
     """Photos of the person whose selfie gave `descriptor`, best first; query expansion when `expand`.
 
-    The stage and `exclude` filter the answer; the expansion looks at the whole gallery, so filtering the
-    answer afterwards (as the worker does with excluded photos) gives the same result.
+    Only the stage's rows are scanned, by the expansion too (its evidence is the stage's photos); `exclude`
+    filters the answer, so filtering it afterwards (as the worker does with excluded photos) gives the
+    same result.
     """
     if expand:
-        descriptor = expand_query(gallery, descriptor, threshold).descriptor
+        descriptor = expand_query(gallery, descriptor, threshold, stage=stage).descriptor
     return gallery.search(descriptor, stage, threshold, limit, exclude)
 
 

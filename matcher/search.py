@@ -3,7 +3,8 @@
 `similarity = 1 - d`, d the Euclidean distance between 128-d descriptors; a match has
 `similarity > threshold`. FAISS IndexFlatL2 reports squared distances, so the range-search radius is
 `(1 - threshold) ** 2`. The radius is widened by a hair and every candidate's distance recomputed in
-float64, so the answer is exactly that of `exhaustive_search`, whatever order FAISS sums in.
+float64, so the answer is exactly that of `exhaustive_search`, whatever order FAISS sums in and however
+the rows were split (`matcher.scan`) or searched (a GPU's k-NN, `matcher.gpu`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from matcher.defaults import DEFAULT_THRESHOLD as DEFAULT_THRESHOLD  # the matching rule's default, here too
 from matcher.defaults import MAX_THRESHOLD, MIN_THRESHOLD
+from matcher.scan import Descriptors, Ranges, Scanner
 
 _WIDEN = 1e-4  # relative: far above float32 rounding (~1e-6), far below any real margin
 
@@ -50,17 +52,29 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
-def range_search(index: faiss.Index, vectors: np.ndarray, query: np.ndarray, threshold: float):
-    """Rows of `vectors` (the index's own float32 rows) within the threshold, with exact distances.
+def range_search(
+    index: Scanner | faiss.Index,
+    vectors: np.ndarray | Descriptors,
+    query: np.ndarray,
+    threshold: float,
+    scope: Ranges | None = None,
+):
+    """Rows of `vectors` within the threshold, with exact distances; only rows in `scope` when given.
 
-    Returns (rows int64, distances float64), unordered.
+    `index` finds the candidates: a `matcher.scan.Scanner` over `vectors` (a gallery's), or any FAISS index
+    holding `vectors` (whole scope only). Returns (rows int64, distances float64), unordered.
     """
     q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
-    if index.ntotal == 0:
+    if len(vectors) == 0:
         return np.zeros(0, np.int64), np.zeros(0)
     radius = radius_for(threshold) * (1 + _WIDEN) + 1e-9
-    lims, _, rows = index.range_search(q, radius)
-    rows = rows[lims[0] : lims[1]].astype(np.int64)
+    if isinstance(index, faiss.Index):
+        if scope is not None:
+            raise ValueError("a scoped search needs a matcher.scan scanner, not a FAISS index")
+        lims, _, found = index.range_search(q, radius)
+        rows = found[lims[0] : lims[1]].astype(np.int64)
+    else:
+        rows = index.candidates(q, radius, scope)
     d = exact_distances(vectors[rows], query)
     keep = d < 1.0 - threshold
     return rows[keep], d[keep]

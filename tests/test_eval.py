@@ -200,17 +200,23 @@ def test_expansion_is_one_round(tmp_path):
     assert got["x/f1.jpg"] == pytest.approx(sim(q1, f1), abs=1e-6)  # similarity to the expanded query
 
 
-def test_stage_and_exclusions_filter_the_expanded_answer_of_the_whole_gallery(tmp_path):
+def test_exclusions_filter_the_expanded_answer_and_a_stage_expands_on_its_own_photos(tmp_path):
     q = e(0, 0.0)
     photos = {"a/f1.jpg": [e(1, 0.40)], "b/f2.jpg": [e(1, 0.40) + e(2, 0.2)], "a/f3.jpg": [e(1, 0.52) + e(3, 0.28)]}
     gallery = _gallery(tmp_path / "g", photos)
     assert sim(q, photos["a/f3.jpg"][0]) < 0.5  # found only by the expanded query
     everywhere = {m.id: m.similarity for m in search_descriptor(gallery, q.astype(np.float32), "", 0.5)}
     assert set(everywhere) == {"a/f1.jpg", "b/f2.jpg", "a/f3.jpg"}
-    for stage, exclude in (("a", frozenset({"a/f1.jpg"})), ("", frozenset({"a/f1.jpg", "b/f2.jpg"}))):
-        got = {m.id: m.similarity for m in search_descriptor(gallery, q.astype(np.float32), stage, 0.5,
-                                                              exclude=exclude)}
-        assert got == {k: v for k, v in everywhere.items() if k.startswith(stage) and k not in exclude}
+    exclude = frozenset({"a/f1.jpg", "b/f2.jpg"})
+    got = {m.id: m.similarity for m in search_descriptor(gallery, q.astype(np.float32), "", 0.5, exclude=exclude)}
+    assert got == {k: v for k, v in everywhere.items() if k not in exclude}
+    # a stage is searched as if it were the whole gallery: its expansion draws on its own photos only
+    stage_a = _gallery(tmp_path / "a", {k: v for k, v in photos.items() if k.startswith("a/")})
+    alone = {m.id: m.similarity for m in search_descriptor(stage_a, q.astype(np.float32), "", 0.5)}
+    assert alone["a/f3.jpg"] != everywhere["a/f3.jpg"]  # b/f2.jpg pulled the whole gallery's query
+    got = {m.id: m.similarity for m in search_descriptor(gallery, q.astype(np.float32), "a", 0.5,
+                                                          exclude=frozenset({"a/f1.jpg"}))}
+    assert got == {k: v for k, v in alone.items() if k != "a/f1.jpg"}
 
 
 @pytest.mark.parametrize(
