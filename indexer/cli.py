@@ -261,7 +261,8 @@ def _fleet_encoding() -> Any:
 def _print_summary(s: Summary) -> None:
     click.echo(
         f"{s.command}: {s.photos_found} photos found, {s.photos_indexed} indexed, {s.photos_already_indexed} "
-        f"already indexed, {s.faces} faces, {s.photos_without_faces} photos without a face, "
+        f"already indexed, {s.faces} faces ({s.faces_too_small} more too small to index), "
+        f"{s.photos_without_faces} photos without a face, "
         f"{len(s.skipped)} skipped, {s.elapsed_s:.1f} s; gallery version {s.version}"
     )
     for item in s.skipped:

@@ -49,6 +49,7 @@ class Encoded:
     photo: PendingPhoto | None = None
     error: str | None = None
     worker: str | None = None  # the fsw-worker's id for a fleet build; None on this machine
+    too_small: int = 0  # faces found but narrower than the settings' min_face: counted, not indexed
 
 
 Record = Callable[[Encoded], None]
@@ -121,9 +122,10 @@ def _encode(task: Task) -> Encoded:
     assert _encoder is not None
     try:
         image = load_image(task.path)
-        faces = _encoder.faces(image)
+        faces, too_small = _encoder.photo_faces(image)
     except ImageError as e:
         return Encoded(task, error=str(e))
     except Exception as e:  # an encoder failure on one photo must not stop the build
         return Encoded(task, error=f"encoder error: {type(e).__name__}: {e}")
-    return Encoded(task, PendingPhoto.from_faces(task.id, task.sha256, task.size, task.mtime, faces))
+    return Encoded(task, PendingPhoto.from_faces(task.id, task.sha256, task.size, task.mtime, faces),
+                   too_small=too_small)

@@ -52,6 +52,7 @@ class Summary:
     photos_already_indexed: int = 0
     photos_without_faces: int = 0
     faces: int = 0
+    faces_too_small: int = 0  # found, but narrower than the settings' min_face: not indexed
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     elapsed_s: float = 0.0
     version: int = 0
@@ -196,6 +197,7 @@ def _record_all(
             faces = result.photo.face_count
             summary.photos_indexed += 1
             summary.faces += faces
+            summary.faces_too_small += result.too_small
             summary.photos_without_faces += not faces
             progress.faces += faces
         if result.worker is not None and result.worker not in workers:

@@ -186,3 +186,19 @@ def test_other_gpu_errors_are_not_hidden() -> None:
     detector = YuNetDetector(threads=1, session_factory=lambda model, *a: Broken(None))
     with pytest.raises(RuntimeError, match="illegal memory access"):
         detector.selfie(np.zeros((100, 100, 3), dtype=np.uint8))
+
+
+# -- the smallest face indexed -------------------------------------------------------------------------
+
+
+def test_faces_narrower_than_min_face_are_counted_not_indexed(tmp_path: Path, faces_dir: Path) -> None:
+    from indexer.pipeline import index_photos
+    from matcher.gallery import Gallery
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("g03.jpg", "g06.jpg"):  # one face about 320 px wide; four about 95 px
+        shutil.copy(faces_dir / "gallery" / name, photos / name)
+    summary = index_photos(tmp_path / "g", [photos], EncoderSettings(min_face=200), photo_root=photos, jobs=1)
+    assert (summary.faces, summary.faces_too_small, summary.photos_without_faces) == (1, 4, 1)
+    assert Gallery.open(tmp_path / "g").settings["min_face"] == 200
