@@ -213,7 +213,10 @@ def _load_descriptors(folder: Path, m: layout.Manifest) -> scan.Descriptors:
 def _map_index(path: Path) -> faiss.IndexFlat:
     """A FAISS flat index file, its rows memory-mapped read-only and shared (MAP_SHARED, PROT_READ): every
     process that maps the same file reads the same pages of the page cache."""
-    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError:  # a FAISS without mapping on this system: a private copy, as before
+        index = faiss.read_index(str(path))
     if not isinstance(index, faiss.IndexFlat):
         raise GalleryError(f"{path.name} is not a flat FAISS index: rebuild it with `fsw-index build`")
     return index

@@ -8,6 +8,7 @@ writer that died left. The files, and why no committed file is modified: docs/ga
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -151,7 +152,7 @@ class GalleryWriter:
         named = {f.name for f in rows.data_files(m)} | {m.index}
         for p in self.folder.iterdir():
             if _is_leftover(p.name, named):
-                p.unlink(missing_ok=True)
+                _unlink(p)
         base = rows.data_files(m)[0]
         with rows.open_h5(self.folder / layout.H5_NAME) as h5:
             longer = any(ds.shape[0] > base.photos for ds in h5["photos"].values())
@@ -232,7 +233,7 @@ class GalleryWriter:
         named = {f.name for f in rows.data_files(new)} | {new.index}
         for p in self.folder.iterdir():
             if _is_old(p.name, named):
-                p.unlink(missing_ok=True)
+                _unlink(p)
         return new
 
     def _pending_rows(self, version: int) -> Rows:
@@ -296,6 +297,13 @@ class GalleryWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unlink(path: Path) -> None:
+    """Delete a file no manifest names. Readers memory-map the index file (`matcher.gallery`), and Windows
+    refuses to delete a mapped file: one a worker still maps is left for the next writer to remove."""
+    with contextlib.suppress(PermissionError):
+        path.unlink(missing_ok=True)
 
 
 def _write_file(folder: Path, name: str, data: Rows, attrs: dict[str, Any]) -> None:
