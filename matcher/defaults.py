@@ -52,6 +52,19 @@ SCAN_MIN_ROWS_PER_THREAD = 1 << 16
 # at most about twice its rows.
 SCAN_GATHER_ROWS = 1024
 
+# -- FAISS on a GPU (`matcher.gpu`) ---------------------------------------------------------------------
+
+# The first k of the k-NN searches that stand in for a range search on a GPU: more than the photos a
+# person appears in at one event, so one search nearly always suffices; k doubles while it does not.
+GPU_FIRST_K = 1024
+# FAISS's GPU k-selection returns at most 2048 neighbours; a search with more matches is done on the CPU.
+GPU_MAX_K = 2048
+# Below this many rows the CPU scans as fast as a trip to the device (a few hundred microseconds).
+GPU_MIN_ROWS = 1 << 16
+# Squared distance added to the GPU's radius: the GPU computes |x|^2 + |q|^2 - 2 x.q in float32 (off by
+# ~1e-5 at descriptor norms, more if TF32 were on); the float64 recheck on the CPU drops the extra rows.
+GPU_RADIUS_SLACK = 1e-3
+
 # -- the descriptor engine -----------------------------------------------------------------------------
 
 # Chips per ONNX Runtime call; larger batches are split, which bounds the activation memory (on a GPU too).
