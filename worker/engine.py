@@ -16,24 +16,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from matcher.engines import DescriptorEngine, make_engine
+from matcher.onnx_session import is_cuda_oom  # one test of "GPU out of memory", shared with the detector
 
 log = logging.getLogger("fsw.worker")
-
-_OOM_MARKERS = (
-    "out of memory",  # CUDA's own "CUDA out of memory" / cudaErrorMemoryAllocation text
-    "cudaerrormemoryallocation",
-    "cublas_status_alloc_failed",
-    "cudnn_status_alloc_failed",
-    "failed to allocate memory",  # ONNX Runtime's BFC arena
-)
-
-
-def is_cuda_oom(error: BaseException) -> bool:
-    """Whether an error is the GPU running out of memory (and worth retrying on the CPU)."""
-    if isinstance(error, MemoryError):
-        return False  # host memory: the CPU would fare no better
-    text = f"{type(error).__name__}: {error}".lower()
-    return any(m in text for m in _OOM_MARKERS) and ("cuda" in text or "gpu" in text or "cublas" in text)
 
 
 def engine_device(engine: object) -> str:
