@@ -66,3 +66,7 @@ class Heartbeat(BaseModel):
         0, description="Jobs whose encoding fell back to the CPU after CUDA ran out of memory."
     )
     last_cuda_oom: float | None = Field(None, description="When that last happened (epoch seconds).")
+    search_gpu_fallbacks: int = Field(
+        0, description="Searches done on the CPU after FAISS on the GPU failed (a CUDA error), or a gallery that "
+        "could not be put on the GPU."
+    )

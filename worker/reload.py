@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from matcher.errors import GalleryError
@@ -25,14 +26,21 @@ log = logging.getLogger("fsw.worker")
 
 class GalleryReloader:
     def __init__(
-        self, folder: Path, poll_s: float = RELOAD_POLL_S, open_gallery: Callable[[Path], Gallery] = Gallery.open
+        self,
+        folder: Path,
+        poll_s: float = RELOAD_POLL_S,
+        open_gallery: Callable[[Path], Gallery] | None = None,
+        gpu: int | None = None,
+        on_gpu_fallback: Callable[[], None] | None = None,
     ):
+        """gpu: search on that CUDA device where FAISS can (`Gallery.open`); its CPU fallbacks are reported
+        to `on_gpu_fallback`. open_gallery: how a version is loaded (a test's), instead of `Gallery.open`."""
         self.folder = folder
         self.poll_s = poll_s
         self.current: Gallery | None = None
         self.error: str | None = None
         self.changed = asyncio.Event()  # set at each swap (and new error), for an early heartbeat
-        self._open = open_gallery
+        self._open = open_gallery or partial(Gallery.open, gpu=gpu, on_gpu_fallback=on_gpu_fallback)
 
     def require(self) -> Gallery:
         """The gallery to search; GalleryError with the reason when none is loaded."""

@@ -1,7 +1,7 @@
 """What a worker counts for its heartbeat: jobs done and failed, the jobs in hand, recent latencies.
 
-Updated from the event loop (job start and end) and from encoder threads (CUDA fallbacks), so every
-change takes a lock.
+Updated from the event loop (job start and end) and from job threads (CUDA fallbacks of the encoder and
+of the search), so every change takes a lock.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ class WorkerStats:
         self.jobs_failed = 0
         self.cuda_oom_fallbacks = 0
         self.last_cuda_oom: float | None = None
+        self.search_gpu_fallbacks = 0
         self._current: dict[str, float] = {}  # job id -> start, in start order
         self._job_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._search_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -49,6 +50,11 @@ class WorkerStats:
         with self._lock:
             self.cuda_oom_fallbacks += 1
             self.last_cuda_oom = time.time()
+
+    def search_gpu_fallback(self) -> None:
+        """A search done on the CPU because FAISS on the GPU failed (`matcher.gpu`); called from job threads."""
+        with self._lock:
+            self.search_gpu_fallbacks += 1
 
     @property
     def current_job(self) -> str | None:
