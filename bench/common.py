@@ -6,7 +6,6 @@ min-max), in milliseconds unless a name says otherwise.
 
 from __future__ import annotations
 
-import base64
 import os
 import sys
 import time
@@ -18,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from indexer.labels import Label, read_labels
+from testkit.photos import FACES
 
 ROOT = Path(__file__).resolve().parent.parent
-FACES = Path(os.environ.get("FSW_FACES", ROOT.parent / "shared" / "faces"))
 CACHE = Path(os.environ.get("FSW_BENCH_CACHE", "/tmp/fsw-bench-cache"))
 QUERY = "queries/q04.jpg"  # Obama, 626x1200: three photos of him in the dev gallery
 
@@ -147,17 +146,6 @@ def labels() -> list[Label]:
 
 def gallery_photos() -> list[Label]:
     return [x for x in labels() if x.split == "gallery"]
-
-
-def data_url(path: Path) -> str:
-    """A photo as the portal sends it: a data URL."""
-    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def decode_data_url(url: str) -> bytes:
-    """The job contract's `image`: a data URL or bare base64."""
-    _, _, payload = url.partition(";base64,") if url.startswith("data:") else ("", "", url)
-    return base64.b64decode(payload, validate=True)
 
 
 def log(message: str) -> None:

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import decode_data_url, timed
+from bench.common import timed
 from matcher.encoder import Encoder
 from matcher.gallery import Gallery
 from matcher.query import search_selfie, selfie_descriptor
 from matcher.search import DEFAULT_THRESHOLD, best_per_photo
-from schemas import dump_result
+from schemas import dump_result, parse_job
 
 OLD_JITTERS = 4
 OLD_MODEL = "large"
@@ -38,7 +38,7 @@ def job_payload(image: str, uid: str = "bench@example.edu", stage: str = "") -> 
 
 
 def fsw_job(gallery: Gallery, encoder: Encoder, payload: dict[str, object]) -> str:
-    image = decode_data_url(str(payload["image"]))
+    image = parse_job(payload).image_bytes()
     matches = search_selfie(gallery, encoder, image, str(payload["stage"]), DEFAULT_THRESHOLD)
     return json.dumps(dump_result(matches))
 
@@ -51,7 +51,7 @@ class NumpyScan:
         self.gallery = gallery
 
     def job(self, encoder: Encoder, payload: dict[str, object]) -> str:
-        q = selfie_descriptor(encoder, decode_data_url(str(payload["image"])))
+        q = selfie_descriptor(encoder, parse_job(payload).image_bytes())
         d = np.linalg.norm(self.vectors - q, axis=1)
         rows = np.flatnonzero(d < 1.0 - DEFAULT_THRESHOLD)
         g = self.gallery
@@ -77,7 +77,7 @@ def old_way_job(photos: list[Path], payload: dict[str, object],
     import face_recognition
 
     t = time.perf_counter()
-    selfie = face_recognition.load_image_file(io.BytesIO(decode_data_url(str(payload["image"]))))
+    selfie = face_recognition.load_image_file(io.BytesIO(parse_job(payload).image_bytes()))
     encodings = face_recognition.face_encodings(selfie, num_jitters=OLD_JITTERS, model=OLD_MODEL)
     if not encodings:
         raise ValueError("no face in the selfie")

@@ -22,10 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import FACES, QUERY, ROOT, Config, data_url, log
+from bench.common import FACES, QUERY, ROOT, Config, log
+from schemas.job import data_url
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("jobs", "search", "worker", "memory", "old_way", "build", "encoder")
+SECTIONS = ("jobs", "search", "worker", "memory", "old_way", "build", "encoder", "detection")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +72,10 @@ def run(config: Config, sections: set[str]) -> dict[str, Any]:
         results["meta"]["section_seconds"][name] = round(time.perf_counter() - t, 1)
         gc.collect()
 
+    from bench import detection
     from bench import sections as s
 
-    ctx = s.Context(config, data_url(FACES / QUERY))
+    ctx = s.Context(config, data_url((FACES / QUERY).read_bytes()))
     section("jobs", lambda: s.jobs(ctx))
     section("search", lambda: s.search(ctx))
     section("worker", lambda: s.worker(ctx))
@@ -81,6 +83,7 @@ def run(config: Config, sections: set[str]) -> dict[str, Any]:
     section("old_way", lambda: s.old_way(ctx, results.get("jobs")))
     section("build", lambda: s.build(ctx))
     section("encoder", lambda: s.encoder(ctx))
+    section("detection", lambda: detection.measure(config))
     results["synthetic"] = ctx.synthetic_info()
     from bench import targets
 
