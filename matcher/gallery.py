@@ -9,13 +9,16 @@ reader never sees a half-written version. The files: docs/gallery-format.md.
 
 At load, the face rows of every folder (a stage) are noted as row ranges (`Gallery.scopes`), so a search
 with a stage scans that stage's rows only (`matcher.scan`). `Gallery.scan` is the one search of the
-rows, for `search` and for query expansion alike; `Gallery.visible` decides which faces it may show.
+rows, for `search` and for query expansion alike; `Gallery.visible` decides which faces it may show:
+those of live photos, less the faces of people who asked to be forgotten (`matcher.forgotten`), found
+once at load by one scan per forgotten descriptor (`face_hidden`).
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from matcher import defaults, layout, rows, scan
+from matcher import defaults, forgotten, layout, rows, scan
 from matcher.errors import GalleryError, StageError
 from matcher.search import (
     DEFAULT_THRESHOLD,
@@ -56,6 +59,7 @@ class Gallery:
         face_boxes: np.ndarray,
         vectors: scan.Descriptors | np.ndarray,
         scanner: scan.Scanner | None = None,
+        forgets: Sequence[forgotten.Forgotten] = (),
     ):
         self.folder = folder
         self.manifest = manifest
@@ -71,6 +75,10 @@ class Gallery:
         self.scopes = stage_scopes(photo_ids, photo_live, face_photo)
         self.folders = frozenset(self.scopes)
         self._counts = (int(self.photo_live.sum()), int(self.face_live.sum()))
+        self.forgotten: tuple[forgotten.Forgotten, ...] = ()
+        self.face_hidden = np.zeros(len(self.face_live), bool)
+        self.face_shown = self.face_live
+        self._hide(forgets)
 
     @property
     def version(self) -> int:
@@ -130,7 +138,8 @@ class Gallery:
             from matcher.gpu import gpu_scanner
 
             scanner = gpu_scanner(vectors, gpu, on_gpu_fallback)
-        return cls(folder, m, got.photos["id"], live, face_photo, boxes, vectors, scanner)
+        forgets = forgotten.read(folder, m)
+        return cls(folder, m, got.photos["id"], live, face_photo, boxes, vectors, scanner, forgets)
 
     def check_stage(self, stage: str | None) -> str:
         """The stage as a normalised folder id ('' for the whole gallery); StageError if it is not one."""
@@ -148,10 +157,26 @@ class Gallery:
     def visible(self, rows: np.ndarray) -> np.ndarray:
         """Which of these face rows a search may return or learn from: the one place a face is hidden.
 
-        Today: the faces of photos this version shows (`face_live`). A face hidden here is neither
-        returned nor used by query expansion, since both search through `scan`.
+        The faces of photos this version shows (`face_live`) that no forgotten descriptor hides
+        (`face_hidden`). A face hidden here is neither returned nor used by query expansion, since both
+        search through `scan`.
         """
-        return self.face_live[rows]
+        return self.face_shown[rows]
+
+    def hiding(self, forgets: Sequence[forgotten.Forgotten]) -> Gallery:
+        """This version with the faces of more forgotten entries hidden too (the portal's, from Redis, that
+        the gallery does not hold yet): a view sharing the descriptors; entries it holds are skipped."""
+        view = copy.copy(self)
+        view._hide(forgets)
+        return view
+
+    def _hide(self, forgets: Sequence[forgotten.Forgotten]) -> None:
+        held = {e.id for e in self.forgotten}
+        more = [e for e in forgets if e.id not in held]
+        if more:
+            self.forgotten = (*self.forgotten, *more)
+            self.face_hidden = self.face_hidden | forgotten.hidden_mask(self.scanner, self.vectors, more)
+            self.face_shown = self.face_live & ~self.face_hidden
 
     def scan(self, descriptor: np.ndarray, threshold: float, stage: str = "") -> tuple[np.ndarray, np.ndarray]:
         """Visible face rows within `threshold` of `descriptor`, in the stage's rows ('' for all), with

@@ -22,7 +22,10 @@ from matcher.errors import GalleryLockedError, ManifestError
 
 FORMAT = 2
 # Format 1 is format 2 without segments (gallery.h5 was appended in place); the writer upgrades it.
-READABLE_FORMATS = (1, 2)
+# Format 3 is format 2 with forgotten faces (`forgotten`), written only when there are some, so that an
+# fsw from before forgetting refuses the gallery instead of showing the faces it hides.
+FORGOTTEN_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 H5_NAME = "gallery.h5"
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
@@ -48,6 +51,8 @@ class Manifest:
     index: str | None = None  # FAISS file holding face rows [0, index_faces)
     index_faces: int = 0
     index_sha256: str | None = None
+    forgotten: str | None = None  # the forgotten faces' file (`matcher.forgotten`), when there are any
+    forgotten_sha256: str | None = None
     photo_root: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     written_at: float = 0.0
@@ -94,8 +99,7 @@ def read_manifest(gallery: str | os.PathLike[str]) -> Manifest:
         raise ManifestError(problem, f"{folder}/{problem}")
     bad = [k for k, kind in _KINDS.items() if k in raw and not (isinstance(raw[k], kind) and raw[k] is not True)]
     bad += [k for k in ("version", "photos", "faces", "index_faces") if isinstance(raw.get(k), int) and raw[k] < 0]
-    if raw.get("index") is not None and not isinstance(raw["index"], str):
-        bad.append("index")
+    bad += [k for k in ("index", "forgotten") if raw.get(k) is not None and not isinstance(raw[k], str)]
     if bad:
         problem = f"{MANIFEST_NAME}: malformed {', '.join(sorted(set(bad)))}"
         raise ManifestError(problem, f"{folder}/{problem}: {verify}")
@@ -112,8 +116,10 @@ def manifest_version(gallery: str | os.PathLike[str]) -> int | None:
 
 
 def write_manifest(gallery: str | os.PathLike[str], manifest: Manifest) -> None:
-    """Publish a version: the manifest, replaced atomically."""
-    atomic_write(manifest_path(gallery), json.dumps(asdict(manifest), indent=2, sort_keys=True))
+    """Publish a version: the manifest, replaced atomically. A gallery without forgotten faces writes no
+    `forgotten` keys, as before they existed."""
+    doc = {k: v for k, v in asdict(manifest).items() if not (k.startswith("forgotten") and v is None)}
+    atomic_write(manifest_path(gallery), json.dumps(doc, indent=2, sort_keys=True))
 
 
 # -- atomic replacement and hashing ---------------------------------------------------------------------

@@ -21,7 +21,7 @@ import faiss
 import h5py
 import numpy as np
 
-from matcher import defaults, layout, rows
+from matcher import defaults, forgotten, layout, rows
 from matcher.errors import GalleryError, SettingsMismatchError
 from matcher.rows import FACE_COLUMNS, PHOTO_COLUMNS, Rows
 
@@ -106,6 +106,7 @@ class GalleryWriter:
             raise
         self._pending: list[PendingPhoto] = []
         self._removals: list[int] = []
+        self._forgotten: list[forgotten.Forgotten] | None = None  # read on first use; changed: not None
 
     @property
     def photo_root(self) -> Path:
@@ -149,7 +150,7 @@ class GalleryWriter:
         place, so that a kill now cannot harm it either.
         """
         m = self.manifest
-        named = {f.name for f in rows.data_files(m)} | {m.index}
+        named = {f.name for f in rows.data_files(m)} | {m.index, m.forgotten}
         for p in self.folder.iterdir():
             if _is_leftover(p.name, named):
                 _unlink(p)
@@ -207,8 +208,32 @@ class GalleryWriter:
         return out
 
     @property
+    def forgotten(self) -> list[forgotten.Forgotten]:
+        """The forgotten faces, with the changes buffered (`matcher.forgotten`)."""
+        if self._forgotten is None:
+            return forgotten.read(self.folder, self.manifest)
+        return list(self._forgotten)
+
+    def forget(self, entries: list[forgotten.Forgotten]) -> None:
+        """Buffer forgotten faces to add; ones whose id the gallery holds already are left as they are."""
+        have = self.forgotten
+        known = {e.id for e in have}
+        new = [e for e in entries if e.id not in known]
+        if new:
+            self._forgotten = have + new
+
+    def unforget(self, ids: list[str]) -> list[str]:
+        """Buffer the removal of forgotten faces by id (their descriptors leave the gallery at the commit).
+        Returns the ids found."""
+        have = self.forgotten
+        found = [e.id for e in have if e.id in ids]
+        if found:
+            self._forgotten = [e for e in have if e.id not in ids]
+        return found
+
+    @property
     def dirty(self) -> bool:
-        return bool(self._pending or self._removals)
+        return bool(self._pending or self._removals or self._forgotten is not None)
 
     def commit(self, final: bool = True) -> layout.Manifest:
         """Publish the buffered changes as a new version. `final` allows rewriting the FAISS index.
@@ -221,7 +246,13 @@ class GalleryWriter:
             return m
         new = replace(m, written_at=time.time(), command=self.command, format=layout.FORMAT)
         if self.dirty:
-            new = self._write_rows(replace(new, version=m.version + 1))
+            new = replace(new, version=m.version + 1)
+            if self._pending or self._removals:
+                new = self._write_rows(new)
+            if self._forgotten is not None:
+                new = self._write_forgotten(new, self._forgotten)
+        if new.forgotten:
+            new = replace(new, format=layout.FORGOTTEN_FORMAT)
         if final and _index_due(new):
             name, sha = self._write_index(new)
             new = replace(new, index=name, index_faces=new.faces, index_sha256=sha)
@@ -229,8 +260,8 @@ class GalleryWriter:
         self.manifest = new
         for offset, p in enumerate(self._pending):
             self.known.by_id[p.id] = (m.photos + offset, p.sha256)
-        self._pending, self._removals = [], []
-        named = {f.name for f in rows.data_files(new)} | {new.index}
+        self._pending, self._removals, self._forgotten = [], [], None
+        named = {f.name for f in rows.data_files(new)} | {new.index, new.forgotten}
         for p in self.folder.iterdir():
             if _is_old(p.name, named):
                 _unlink(p)
@@ -278,6 +309,14 @@ class GalleryWriter:
         n_photos = self.manifest.photos + len(self._pending)
         n_faces = self.manifest.faces + sum(p.face_count for p in self._pending)
         return replace(new, photos=n_photos, faces=n_faces, segments=kept)
+
+    def _write_forgotten(self, new: layout.Manifest, entries: list[forgotten.Forgotten]) -> layout.Manifest:
+        """Write the forgotten faces as this version's file (none: no file); new entries get this version."""
+        if not entries:
+            return replace(new, forgotten=None, forgotten_sha256=None)
+        entries = [e if e.version else replace(e, version=new.version) for e in entries]
+        name, sha = forgotten.write(self.folder, new.version, entries)
+        return replace(new, forgotten=name, forgotten_sha256=sha)
 
     def _write_index(self, m: layout.Manifest) -> tuple[str, str]:
         index = faiss.IndexFlatL2(128)
@@ -341,17 +380,18 @@ def _index_due(m: layout.Manifest) -> bool:
 
 
 def _is_old(name: str, named: set[str | None]) -> bool:
-    """A row or index file that the current manifest no longer names."""
+    """A row, index or forgotten file that the current manifest no longer names."""
     return name not in named and (
         (name.startswith("gallery-v") and name.endswith(".h5"))
         or (name.startswith("index-v") and name.endswith(".faiss"))
+        or (name.startswith("forgotten-v") and name.endswith(".json"))
     )
 
 
 def _is_leftover(name: str, named: set[str | None]) -> bool:
     """Something a writer that died left: a temporary file, or a file no manifest named yet."""
     temporary = name.endswith(".tmp") and name.startswith(
-        (".gallery", ".index-v", f".{layout.MANIFEST_NAME}.", f".{layout.SUMMARY_NAME}.")
+        (".gallery", ".index-v", ".forgotten-v", f".{layout.MANIFEST_NAME}.", f".{layout.SUMMARY_NAME}.")
     )
     return temporary or _is_old(name, named)
 
