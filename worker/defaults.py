@@ -55,6 +55,25 @@ REDIS_RETRY_BACKOFF_S = (0.2, 2.0)  # base and cap of the exponential backoff
 # Waiting for Redis at start or after an outage: first and longest pause between attempts (doubling).
 REDIS_WAIT_S = (0.5, 10.0)
 
+# -- the selfie in Redis (`worker.selfies`, `worker.jobs`, `worker.submit`) -------------------------------
+
+# A Redis command of the handler that found Redis away (the excluded set, removing the selfie) is tried
+# again for as long as the job's lock lasts without renewal; past that, BullMQ's stalled-job check runs the
+# job again (it is not failed for the outage) and this attempt's answer could not be recorded anyway.
+REDIS_AWAY_IN_JOB_S = LOCK_DURATION_MS / 1000
+# The sweep for finished jobs that still hold a selfie (one BullMQ failed without running the handler, as
+# a job stalled twice): as often as the stalled-job check, so such a selfie stays about as long as that.
+SELFIE_SWEEP_S = STALLED_INTERVAL_MS / 1000
+# A sweep also looks at jobs that finished this long before the previous one began: finish times come from
+# the clocks of the workers that finished them, which may run behind this one's.
+SELFIE_SWEEP_OVERLAP_S = 300.0
+# Jobs whose data one round trip of a sweep reads: up to 20 MB each, if every one held a selfie.
+SELFIE_SWEEP_BATCH = 20
+# How long BullMQ keeps a finished job: the portal's own options, which `fsw-worker submit` sends too, so
+# a result or failure can be read by job id for a day (a week for failures) and no job is kept forever.
+REMOVE_ON_COMPLETE = {"age": 24 * 3600, "count": 1000}
+REMOVE_ON_FAIL = {"age": 7 * 24 * 3600}
+
 # -- the heartbeat record and the registry (`worker.stats`, `worker.heartbeat`) --------------------------
 
 # Recent latencies kept for the heartbeat's medians: a few minutes of a busy worker's jobs.
