@@ -6,7 +6,8 @@
 2. start the BullMQ Worker with `SearchJobs` as its processor, its Redis connections named
    `bull:<base64 of queue>:w:<id>` so that Node's `queue.getWorkers()` lists it;
 3. beside it: the heartbeat every 5 s, the pause switch (`worker:<id>:paused` = "1") polled every
-   second, the gallery reload polled every 2 s (these and every other interval: `worker.defaults`);
+   second, the gallery reload polled every 2 s, the sweep for selfies left in finished jobs every 15 s
+   (`worker.selfies`; these and every other interval: `worker.defaults`);
 4. on SIGTERM/SIGINT: take no new job, finish the ones in hand, write status offline, return 0.
    A second signal abandons the jobs in hand (BullMQ hands them to another worker once their lock
    expires).
@@ -59,6 +60,7 @@ from worker.engine import WorkerEngine, make_worker_engine
 from worker.heartbeat import HostMetrics, base_worker_id, claim_worker_id, write_heartbeat
 from worker.jobs import EncoderPool, SearchJobs
 from worker.reload import GalleryReloader
+from worker.selfies import SelfieRemoval
 from worker.settings import WorkerSettings
 from worker.stats import WorkerStats
 
@@ -135,7 +137,11 @@ class WorkerService:
                 return 0  # stopped while Redis was away
             if self.worker_id != base:
                 log.info("worker id %s is held by a live worker: using %s", base, self.worker_id)
-            handler = SearchJobs(self.galleries, self.encoders, executor, redis, self.stats)
+            selfies = SelfieRemoval(redis, self.settings.prefix, self.settings.queue)
+            if self.settings.keep_selfies:
+                selfies = None
+                log.warning("FSW_KEEP_SELFIES is set: selfies stay in Redis with their jobs (for debugging only)")
+            handler = SearchJobs(self.galleries, self.encoders, executor, redis, self.stats, selfies)
             self._worker = self._start_worker(handler)
             device = "CPU" if self.encoders.device != "cuda" else f"GPU {self.settings.gpu_index}"
             log.info(
@@ -147,6 +153,7 @@ class WorkerService:
                 asyncio.ensure_future(self._heartbeats(redis, done)),
                 asyncio.ensure_future(self._pause_switch(redis, done)),
                 asyncio.ensure_future(self.galleries.watch(done)),
+                *([asyncio.ensure_future(selfies.keep_sweeping(done))] if selfies else []),
             ]
             await self._beat(redis)
             await self._stop.wait()

@@ -4,7 +4,8 @@ Variables (a `.env` file in the working directory is read first by the CLI, with
 environment): `REDIS_URL` (redis:// or rediss:// for TLS), or `REDIS_HOST`, `REDIS_PORT`,
 `REDIS_PASSWORD`; `FSW_QUEUE` (default face-search), `FSW_GALLERY` (default ./gallery),
 `WORKER_CONCURRENCY` (default 1), `GPU_INDEX` (unset: the CPU, or the GPU `--gpus` names),
-`FSW_CACHE_DIR` (converted ONNX models; default ~/.cache/fsw). Defaults: `worker.defaults`, `matcher.defaults`.
+`FSW_CACHE_DIR` (converted ONNX models; default ~/.cache/fsw), `FSW_KEEP_SELFIES` (1: leave each job's
+selfie in Redis, for debugging; default 0). Defaults: `worker.defaults`, `matcher.defaults`.
 The Redis variables are read by `schemas.connection`, which `fsw-index --fleet` shares. The Redis
 password never appears in `repr` or in a log line: use `redis_display`.
 """
@@ -38,6 +39,7 @@ class WorkerSettings:
     cache_dir: Path | None = None  # converted ONNX models; None: matcher.defaults.CACHE_DIR
     hostname: str = field(default_factory=socket.gethostname)
     prefix: str = "bull"  # BullMQ's key prefix; the portal uses the default
+    keep_selfies: bool = False  # leave each job's selfie in Redis (debugging only; see worker.selfies)
 
     def __post_init__(self) -> None:
         if not self.queue:
@@ -66,6 +68,8 @@ class WorkerSettings:
             values["gpu_index"] = _int(env, "GPU_INDEX")
         if env.get("FSW_CACHE_DIR"):
             values["cache_dir"] = Path(env["FSW_CACHE_DIR"])
+        if env.get("FSW_KEEP_SELFIES", "").strip():
+            values["keep_selfies"] = _flag(env, "FSW_KEEP_SELFIES")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -87,8 +91,18 @@ class WorkerSettings:
     def __repr__(self) -> str:
         return (
             f"WorkerSettings(redis={self.redis_display!r}, queue={self.queue!r}, gallery={str(self.gallery)!r}, "
-            f"concurrency={self.concurrency}, gpu_index={self.gpu_index}, hostname={self.hostname!r})"
+            f"concurrency={self.concurrency}, gpu_index={self.gpu_index}, hostname={self.hostname!r}, "
+            f"keep_selfies={self.keep_selfies})"
         )
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = env[name].strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be 1 or 0, not {env[name]!r}")
 
 
 def _int(env: Mapping[str, str], name: str) -> int:

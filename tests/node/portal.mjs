@@ -2,7 +2,7 @@
 // The portal's side of the queue, with the official Node.js BullMQ client, for fsw's Python tests.
 //
 // For each --selfie it adds a job named `process-face` with the portal's data
-// ({image: "data:image/jpeg;base64,...", uid, stage, timestamp}) and options {attempts: 1}, follows it
+// ({image: "data:image/jpeg;base64,...", uid, stage, timestamp}) and the portal's options (JOB_OPTIONS), follows it
 // through QueueEvents to the end, and prints one JSON line:
 //   {"selfie", "id", "state": "completed"|"failed"|"timeout", "returnvalue"|"failedReason", "progress": [...]}
 // --workers prints {"workers": [rawname, ...]} from queue.getWorkers().
@@ -18,6 +18,14 @@ import path from 'node:path';
 import { Queue, QueueEvents } from 'bullmq';
 import { Redis } from 'ioredis';
 import Ajv2020 from 'ajv/dist/2020.js';
+
+// The portal's job options: no retry; a completed job kept 24 h (at most 1000), a failed one 7 days, so that
+// its result or failure reason can be read back by job id.
+const JOB_OPTIONS = {
+  attempts: 1,
+  removeOnComplete: { age: 24 * 3600, count: 1000 },
+  removeOnFail: { age: 7 * 24 * 3600 },
+};
 
 function parseArgs(argv) {
   const out = { selfie: [] };
@@ -85,7 +93,7 @@ async function main() {
       ...(args.data ? JSON.parse(args.data) : {}),
     };
     check('job', data, `job data for ${selfie}`);
-    jobs.push({ selfie, job: await queue.add('process-face', data, { attempts: 1 }) });
+    jobs.push({ selfie, job: await queue.add('process-face', data, JOB_OPTIONS) });
   }
   for (const { selfie, job } of jobs) {
     const line = { selfie, id: job.id };
