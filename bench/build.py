@@ -27,6 +27,7 @@ from bench.galleries import SyntheticModel, encode_real, write_gallery
 from indexer.pipeline import Progress, index_photos
 from indexer.scan import find_photos
 from matcher import layout, models
+from matcher.detectors import make_detector
 from matcher.encoder import EncoderSettings, cores
 from matcher.writer import GalleryWriter, PendingPhoto
 
@@ -102,7 +103,8 @@ def rate_stats(rates: list[float]) -> dict[str, float]:
 
 
 class RawLoop:
-    """dlib's own calls, no fsw code: decode, HOG at fsw's detection size, 5-point landmarks, chip, network."""
+    """dlib's own calls, no fsw code but the detector: decode, the settings' detector (`matcher.detectors`:
+    YuNet's passes have no dlib form), 5-point landmarks, chip, network."""
 
     def __init__(self, settings: EncoderSettings, engines: tuple[str, ...]):
         import onnxruntime as ort
@@ -110,7 +112,7 @@ class RawLoop:
         from matcher import onnx_convert
 
         self.settings = settings
-        self.hog = dlib.get_frontal_face_detector()
+        self.detector = make_detector(settings, threads=cores(), device="cpu")
         self.landmarks = dlib.shape_predictor(models.landmarks_model_path(5))
         self.describe: dict[str, Callable[[list[np.ndarray]], object]] = {}
         if "onnx" in engines:
@@ -156,17 +158,7 @@ class RawLoop:
                 "cpu_s": round(cpu, 3), "_results": results}
 
     def _detect(self, rgb: np.ndarray) -> list[dlib.rectangle]:
-        h, w = rgb.shape[:2]
-        scale = min(1.0, self.settings.max_side / max(h, w))
-        small = rgb
-        if scale < 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
-        rects = list(self.hog(small, self.settings.upsample))
-        if scale == 1.0:
-            return rects
-        return [dlib.rectangle(round(r.left() / scale), round(r.top() / scale), round(r.right() / scale),
-                               round(r.bottom() / scale)) for r in rects]
+        return self.detector.photo(rgb)
 
 
 def write_cost(results: list[tuple[Path, list, np.ndarray]]) -> dict[str, float]:

@@ -73,6 +73,7 @@ def run(config: Config, sections: set[str]) -> dict[str, Any]:
         gc.collect()
 
     from bench import detection
+    from bench import detection
     from bench import sections as s
 
     ctx = s.Context(config, data_url((FACES / QUERY).read_bytes()))
@@ -83,6 +84,7 @@ def run(config: Config, sections: set[str]) -> dict[str, Any]:
     section("old_way", lambda: s.old_way(ctx, results.get("jobs")))
     section("build", lambda: s.build(ctx))
     section("encoder", lambda: s.encoder(ctx))
+    section("detection", lambda: detection.measure(config))
     section("detection", lambda: detection.measure(config))
     results["synthetic"] = ctx.synthetic_info()
     from bench import targets

@@ -61,4 +61,11 @@ def evaluate(r: dict[str, Any]) -> list[dict[str, Any]]:
                            False))
     out.append(_target("build of the dev gallery, onnx photos/s / dlib photos/s",
                        _get(b, "dev_gallery", "onnx_over_dlib"), 2.0, True))
+    d = r.get("detection", {})  # issue 11's targets for the default detector (bench/detection.py)
+    for at_least, limit in ((">=20", 0.85), (">=40", 0.95)):
+        out.append(_target(f"event set: share of faces {at_least} px the default detector finds",
+                           _get(d, "events", "scores", "yunet", "recall", at_least), limit, True, unit=""))
+    out.append(_target("build photos/s, yunet / hog (same tree)", _get(d, "yunet_over_hog", "build_photos_per_s"),
+                       3.0, True))
+    out.append(_target("job p50, yunet / hog (dev selfies)", _get(d, "yunet_over_hog", "job_p50"), 0.5, False))
     return out

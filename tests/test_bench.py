@@ -34,8 +34,8 @@ def _timing(st: dict) -> None:
 
 def test_quick_run_measures_every_section(quick_run):
     results, _, _ = quick_run
-    for section in ("meta", "jobs", "search", "worker", "memory", "old_way", "build", "encoder", "synthetic",
-                    "targets"):
+    for section in ("meta", "jobs", "search", "worker", "memory", "old_way", "build", "encoder", "detection",
+                    "synthetic", "targets"):
         assert section in results, section
         assert "error" not in results[section], results[section]
     assert results["meta"]["mode"] == "quick"
