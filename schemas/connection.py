@@ -5,14 +5,16 @@ both alike: `REDIS_URL` (redis://, rediss:// for TLS, unix://), or `REDIS_HOST`,
 `REDIS_PASSWORD` (the portal's own variables). These functions live here, in the contracts, because the
 indexer may not import the worker (imports go indexer -> matcher/schemas and worker -> matcher/schemas):
 the variables are a contract with the operator, like the queue names are one with the portal.
-A Redis password is never shown: log `redis_display(url)`, never the URL.
+A Redis password is never shown, however it is given (`redis://:pw@host`, `redis://user:pw@host`,
+`redis://host/0?password=pw`, REDIS_PASSWORD): log `redis_display(url)`, never the URL.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from redis.asyncio.connection import SSLConnection, parse_url
 
@@ -20,6 +22,8 @@ from redis.asyncio.connection import SSLConnection, parse_url
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 # A Redis that has not accepted a connection in 5 s is away: report it and retry, rather than hang.
 CONNECT_TIMEOUT_S = 5
+# Query parameters that carry a credential: redis-py passes `?password=` (any parameter) to the connection.
+_SECRET_PARAM = re.compile(r"(^|[?&])([^=&?#]*(?:pass|secret|token)[^=&#]*)=[^&#]*", re.IGNORECASE)
 
 
 class SettingsError(ValueError):
@@ -43,14 +47,19 @@ def redis_url(env: Mapping[str, str]) -> str:
 
 
 def redis_display(url: str) -> str:
-    """The Redis URL with any password masked: the only form that may be logged."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The Redis URL with any password masked: the only form that may be logged.
+
+    Masked: all before the last `@` but a user name (`redis://:***@host`, `redis://user:***@host`; a lone
+    `redis://***@host`, which may be a password), and password-like query parameters (`?password=***`).
+    The last `@`, not the URL parser's idea of the user part: a password may hold an unescaped `/`, `?`
+    or `#` that ends the parser's authority early.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        rest = (f"{user}:***@" if colon else "***@") + rest
+    return scheme + sep + _SECRET_PARAM.sub(r"\1\2=***", rest)
 
 
 def redis_kwargs(url: str, client_name: str | None = None) -> dict[str, Any]:
