@@ -202,3 +202,35 @@ def test_faces_narrower_than_min_face_are_counted_not_indexed(tmp_path: Path, fa
     summary = index_photos(tmp_path / "g", [photos], EncoderSettings(min_face=200), photo_root=photos, jobs=1)
     assert (summary.faces, summary.faces_too_small, summary.photos_without_faces) == (1, 4, 1)
     assert Gallery.open(tmp_path / "g").settings["min_face"] == 200
+
+
+# -- galleries built before YuNet ------------------------------------------------------------------------
+
+
+def test_a_hog_gallery_keeps_working_and_refuses_another_detector(tmp_path: Path, faces_dir: Path) -> None:
+    from click.testing import CliRunner
+
+    from indexer.cli import main
+    from indexer.pipeline import index_photos
+    from matcher.encoder import Encoder
+    from matcher.gallery import Gallery
+
+    root = tmp_path / "photos"
+    (root / "Day-2").mkdir(parents=True)
+    shutil.copy(faces_dir / "gallery" / "g05.jpg", root / "g05.jpg")
+    # what every gallery so far records: HOG and its settings, no min_face, no detector model
+    old = EncoderSettings(detector="hog", min_face=0)
+    index_photos(tmp_path / "g", [root], old, photo_root=root, jobs=1)
+    recorded = Gallery.open(tmp_path / "g").settings
+    assert set(recorded) == {"model", "landmarks", "detector", "upsample", "jitters", "max_side"}
+
+    shutil.copy(faces_dir / "gallery" / "g15.jpg", root / "Day-2" / "g15.jpg")
+    refused = CliRunner().invoke(main, ["add", str(root / "Day-2"), "--gallery", str(tmp_path / "g"),
+                                        "--detector", "yunet", "-j", "1"])
+    assert refused.exit_code == 1 and "settings differ" in refused.output
+    added = CliRunner().invoke(main, ["add", str(root / "Day-2"), "--gallery", str(tmp_path / "g"), "-j", "1"])
+    assert added.exit_code == 0, added.output
+    g = Gallery.open(tmp_path / "g")
+    assert g.settings == recorded and g.stats().faces == 3
+    selfie_settings = EncoderSettings.from_recorded(g.settings)
+    assert Encoder(selfie_settings).detector.name == "hog"  # a selfie is encoded with the gallery's detector
