@@ -71,16 +71,22 @@ def main() -> None:
 @click.option("--gallery", "-g", type=click.Path(file_okay=False, path_type=Path),
               help="Gallery folder [env FSW_GALLERY; ./gallery].")
 @click.option("--queue", "-q", help="BullMQ queue [env FSW_QUEUE; face-search].")
+@click.option("--encode-concurrency", type=click.IntRange(0, 64),
+              help="Encode jobs of fsw-index --fleet at once, after the selfies [env FSW_ENCODE_CONCURRENCY; 1].")
+@click.option("--no-encode", is_flag=True, help="Never encode photos for fsw-index --fleet (--encode-concurrency 0).")
+@click.option("--photos", help="Where this machine sees the photo tree, for encode jobs: a folder or an http(s) "
+                               "base URL [env FSW_PHOTOS; the indexer's photo root].")
 @click.option("--encoder", "engine", type=click.Choice(["onnx", "dlib"]), default="onnx", show_default=True,
               help="Descriptor engine; both give the same descriptors.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 @_errors
-def run(concurrency: int | None, gpus: str | None, gallery: Path | None, queue: str | None, engine: str,
-        log_level: str) -> None:
+def run(concurrency: int | None, gpus: str | None, gallery: Path | None, queue: str | None,
+        encode_concurrency: int | None, no_encode: bool, photos: str | None, engine: str, log_level: str) -> None:
     """Serve jobs until SIGTERM or Ctrl-C, then finish the jobs in hand and exit 0.
 
     Redis from REDIS_URL (or REDIS_HOST, REDIS_PORT, REDIS_PASSWORD). The gallery is reloaded by itself
-    when `fsw-index add` or `remove` commits a new version.
+    when `fsw-index add` or `remove` commits a new version. It also encodes photos for `fsw-index build
+    --fleet` (queue fsw-encode) while no selfie waits: see docs/fleet.md.
 
         REDIS_URL=redis://127.0.0.1:6379 fsw-worker run --gallery /srv/fsw/gallery --gpus all
     """
@@ -90,12 +96,16 @@ def run(concurrency: int | None, gpus: str | None, gallery: Path | None, queue: 
     from worker.supervisor import Supervisor, plan_devices, worker_command
 
     _logging(log_level)
-    settings = WorkerSettings.from_env(concurrency=concurrency, gallery=gallery, queue=queue)
+    if no_encode:
+        encode_concurrency = 0
+    settings = WorkerSettings.from_env(concurrency=concurrency, gallery=gallery, queue=queue,
+                                       encode_concurrency=encode_concurrency, photos=photos)
     needs_count = gpus is not None and gpus.strip().lower() not in ("", "cpu", "none")
     devices = plan_devices(gpus, gpu_count() if needs_count else 0, settings.gpu_index)
     if len(devices) > 1:
         passthrough = ["--encoder", engine, "--log-level", log_level]
-        for flag, value in (("--concurrency", concurrency), ("--gallery", gallery), ("--queue", queue)):
+        for flag, value in (("--concurrency", concurrency), ("--gallery", gallery), ("--queue", queue),
+                            ("--encode-concurrency", encode_concurrency), ("--photos", photos)):
             if value is not None:
                 passthrough += [flag, str(value)]
         supervisor = Supervisor([d for d in devices if d is not None], lambda gpu: worker_command(gpu, passthrough))

@@ -14,6 +14,9 @@ from __future__ import annotations
 DEFAULT_CONCURRENCY = 1
 # More jobs at once than this only queue up on the cores; a larger number is a typo.
 MAX_CONCURRENCY = 64
+# Encode jobs (`fsw-index --fleet`) at once per process: one photo's detection already takes a core, and
+# the search jobs keep threads of their own; an operator gives a big machine more, or 0 (never encode).
+DEFAULT_ENCODE_CONCURRENCY = 1
 
 # -- BullMQ (`worker.service`) --------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@
 
 1. connect to Redis (retrying with backoff until it answers), load the gallery, claim the worker id;
 2. start the BullMQ Worker with `SearchJobs` as its processor, its Redis connections named
-   `bull:<base64 of queue>:w:<id>` so that Node's `queue.getWorkers()` lists it;
+   `bull:<base64 of queue>:w:<id>` so that Node's `queue.getWorkers()` lists it; and, unless encoding is
+   off, a second one on `fsw-encode` with `EncodeJobs`, for `fsw-index --fleet` (`worker.encode_jobs`);
 3. beside it: the heartbeat every 5 s, the pause switch (`worker:<id>:paused` = "1") polled every
    second, the gallery reload polled every 2 s, the sweep for selfies left in finished jobs every 15 s
    (`worker.selfies`; these and every other interval: `worker.defaults`);
@@ -56,6 +57,7 @@ from worker.defaults import (
     STALLED_INTERVAL_MS,
     WARM_UP_TIMEOUT_S,
 )
+from worker.encode_jobs import EncodeJobs, SearchFirst
 from worker.engine import WorkerEngine, make_worker_engine
 from worker.heartbeat import HostMetrics, base_worker_id, claim_worker_id, write_heartbeat
 from worker.jobs import EncoderPool, SearchJobs
@@ -98,6 +100,12 @@ class WorkerService:
         self.encoders = EncoderPool(
             engine, threads, make_engine=make_engine, on_fallback=self.stats.cuda_oom, cache_dir=cache_dir
         )
+        # encode jobs (fsw-index --fleet) have threads and encoders of their own: a batch never takes a selfie's
+        self.encode_encoders = EncoderPool(
+            engine, max(1, cores() // max(1, settings.encode_concurrency)), make_engine=make_engine,
+            on_fallback=self.stats.cuda_oom, cache_dir=cache_dir,
+        )
+        self._encode_jobs: EncodeJobs | None = None
         self.galleries = GalleryReloader(settings.gallery)
         self.metrics = HostMetrics(settings.gpu_index)
         self.install_signals = install_signals
@@ -106,7 +114,8 @@ class WorkerService:
         self._stop: asyncio.Event | None = None
         self._stopping_count = 0
         self._worker: Worker | None = None
-        self._run_task: asyncio.Future[Any] | None = None
+        self._encode_worker: Worker | None = None
+        self._run_tasks: list[asyncio.Future[Any]] = []
         self._redis_down_since: float | None = None
 
     # -- the life of a worker ---------------------------------------------------------------------
@@ -143,6 +152,7 @@ class WorkerService:
                 log.warning("FSW_KEEP_SELFIES is set: selfies stay in Redis with their jobs (for debugging only)")
             handler = SearchJobs(self.galleries, self.encoders, executor, redis, self.stats, selfies)
             self._worker = self._start_worker(handler)
+            self._encode_worker = self._start_encoding(redis)
             device = "CPU" if self.encoders.device != "cuda" else f"GPU {self.settings.gpu_index}"
             log.info(
                 "worker %s serving queue %r on %s: gallery %s, concurrency %d, %s",
@@ -174,6 +184,8 @@ class WorkerService:
             for task in background:
                 task.cancel()
             executor.shutdown(wait=False, cancel_futures=True)
+            if self._encode_jobs is not None:
+                self._encode_jobs.shutdown()
             with contextlib.suppress(Exception):
                 await redis.aclose()
             self.metrics.close()
@@ -185,8 +197,9 @@ class WorkerService:
             self._stop.set()
         if self._stopping_count >= 2 and self._worker is not None:
             log.warning("second stop signal: abandoning the jobs in hand")
-            self._worker.forceClosing = True
-            self._worker.cancelProcessing()
+            for worker in self._bullmq_workers():
+                worker.forceClosing = True
+                worker.cancelProcessing()
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -232,18 +245,37 @@ class WorkerService:
 
         await asyncio.gather(*(loop.run_in_executor(executor, warm) for _ in range(self.settings.concurrency)))
 
-    def _start_worker(self, handler: SearchJobs) -> Worker:
+    def _start_encoding(self, redis: Redis) -> Worker | None:
+        """The second BullMQ Worker: encode jobs of `fsw-index --fleet`, after the selfies (`worker.encode_jobs`)."""
+        s = self.settings
+        if not s.encode_concurrency:
+            return None
+        search_first = SearchFirst(self.stats, redis, s.queue, s.prefix)
+        self._encode_jobs = EncodeJobs(self.encode_encoders, s.encode_concurrency, search_first,
+                                       lambda: self.worker_id or "", s.photos)
+        log.info("encoding photos from queue %r too, %d job%s at once, while no selfie waits; photos from %s",
+                 s.encode_queue, s.encode_concurrency, "" if s.encode_concurrency == 1 else "s",
+                 s.photos or "the photo root each job names")
+        return self._start_worker(self._encode_jobs, s.encode_queue, s.encode_concurrency)
+
+    def _bullmq_workers(self) -> list[Worker]:
+        return [w for w in (self._worker, self._encode_worker) if w is not None]
+
+    def _start_worker(self, handler: Callable[..., Any], queue: str | None = None,
+                      concurrency: int | None = None) -> Worker:
+        """A BullMQ Worker on `queue` (default: the search queue) with this worker's name and timings."""
         assert self.worker_id is not None
-        client_name = node_client_name(self.settings.prefix, self.settings.queue, self.worker_id)
+        queue = queue or self.settings.queue
+        client_name = node_client_name(self.settings.prefix, queue, self.worker_id)
         worker = Worker(
-            self.settings.queue,
+            queue,
             handler,
             {
                 # client_name in the connection options names every connection BullMQ opens, the
                 # blocking one included, and again after each reconnection.
                 "connection": self.settings.redis_kwargs(client_name=client_name),
                 "prefix": self.settings.prefix,
-                "concurrency": self.settings.concurrency,
+                "concurrency": concurrency or self.settings.concurrency,
                 "name": self.worker_id,
                 "autorun": False,
                 "lockDuration": LOCK_DURATION_MS,
@@ -263,13 +295,17 @@ class WorkerService:
                 errors[text] = time.monotonic()
 
         worker.on("error", on_error)
-        self._run_task = asyncio.ensure_future(worker.run())
+        self._run_tasks.append(asyncio.ensure_future(worker.run()))
         return worker
 
     async def _close_worker(self) -> None:
-        worker = self._worker
-        if worker is None:
-            return
+        """Close the search and the encode Worker together, each once its jobs in hand are done."""
+        await asyncio.gather(*(self._close(worker) for worker in self._bullmq_workers()))
+        for run_task in self._run_tasks:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(run_task, CLOSE_WAIT_S)
+
+    async def _close(self, worker: Worker) -> None:
         closing = asyncio.ensure_future(self._finish_jobs_then_close(worker))
         finished, _ = await asyncio.wait({closing}, timeout=GRACEFUL_STOP_S)
         if not finished:
@@ -280,9 +316,6 @@ class WorkerService:
         if finished:
             with contextlib.suppress(Exception):
                 closing.result()
-        if self._run_task is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(self._run_task, CLOSE_WAIT_S)
 
     @staticmethod
     async def _finish_jobs_then_close(worker: Worker) -> None:
@@ -332,13 +365,15 @@ class WorkerService:
                 want = self.paused  # Redis away: keep doing what we do
             if want and not self.paused and not self._stop_requested:
                 self.paused = True
-                pausing = asyncio.ensure_future(self._worker.pause())  # lets the job in hand finish
+                pausing = asyncio.ensure_future(  # lets the jobs in hand finish
+                    asyncio.gather(*(worker.pause() for worker in self._bullmq_workers())))
                 log.info("paused by %s: taking no new jobs", key)
                 await self._beat(redis)
             elif not want and self.paused and not self._stop_requested:
                 if pausing is not None:
                     await pausing
-                self._worker.resume()
+                for worker in self._bullmq_workers():
+                    worker.resume()
                 self.paused = False
                 log.info("resumed: %s cleared", key)
                 await self._beat(redis)

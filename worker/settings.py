@@ -6,6 +6,9 @@ environment): `REDIS_URL` (redis:// or rediss:// for TLS), or `REDIS_HOST`, `RED
 `WORKER_CONCURRENCY` (default 1), `GPU_INDEX` (unset: the CPU, or the GPU `--gpus` names),
 `FSW_CACHE_DIR` (converted ONNX models; default ~/.cache/fsw), `FSW_KEEP_SELFIES` (1: leave each job's
 selfie in Redis, for debugging; default 0). Defaults: `worker.defaults`, `matcher.defaults`.
+Encode jobs for `fsw-index --fleet` (`worker.encode_jobs`): `FSW_PHOTOS` (where this machine sees the
+photo tree: a folder or an http(s) base URL; default: the indexer's photo root), `FSW_ENCODE_QUEUE`
+(default fsw-encode), `FSW_ENCODE_CONCURRENCY` (encode jobs at once, default 1; 0: never encode).
 The Redis variables are read by `schemas.connection`, which `fsw-index --fleet` shares. The Redis
 password never appears in `repr` or in a log line: use `redis_display`.
 """
@@ -22,7 +25,8 @@ from typing import Any
 from matcher.defaults import DEFAULT_GALLERY
 from schemas import QUEUE
 from schemas.connection import DEFAULT_REDIS_URL, SettingsError, redis_display, redis_kwargs, redis_url
-from worker.defaults import DEFAULT_CONCURRENCY, MAX_CONCURRENCY
+from schemas.encode import ENCODE_QUEUE
+from worker.defaults import DEFAULT_CONCURRENCY, DEFAULT_ENCODE_CONCURRENCY, MAX_CONCURRENCY
 
 __all__ = ["SettingsError", "WorkerSettings"]  # SettingsError lives with the Redis variables fsw-index reads too
 
@@ -39,6 +43,9 @@ class WorkerSettings:
     cache_dir: Path | None = None  # converted ONNX models; None: matcher.defaults.CACHE_DIR
     hostname: str = field(default_factory=socket.gethostname)
     prefix: str = "bull"  # BullMQ's key prefix; the portal uses the default
+    encode_queue: str = ENCODE_QUEUE  # fsw-index --fleet's encode jobs
+    encode_concurrency: int = DEFAULT_ENCODE_CONCURRENCY  # encode jobs at once; 0: this worker never encodes
+    photos: str | None = None  # where this worker reads photos to encode; None: the photo root a job names
     keep_selfies: bool = False  # leave each job's selfie in Redis (debugging only; see worker.selfies)
 
     def __post_init__(self) -> None:
@@ -48,6 +55,12 @@ class WorkerSettings:
             raise SettingsError(f"WORKER_CONCURRENCY must be 1 to {MAX_CONCURRENCY}, not {self.concurrency}")
         if self.gpu_index is not None and self.gpu_index < 0:
             raise SettingsError(f"GPU_INDEX must be 0 or more, not {self.gpu_index}")
+        if not 0 <= self.encode_concurrency <= MAX_CONCURRENCY:
+            raise SettingsError(f"FSW_ENCODE_CONCURRENCY must be 0 (never encode) to {MAX_CONCURRENCY}, "
+                                f"not {self.encode_concurrency}")
+        if self.encode_concurrency and self.encode_queue in ("", self.queue):
+            raise SettingsError(f"FSW_ENCODE_QUEUE must name a queue of its own, not {self.encode_queue!r}: "
+                                "a selfie must never wait behind a batch of photos")
         try:
             self.redis_kwargs()
         except ValueError as e:
@@ -68,6 +81,12 @@ class WorkerSettings:
             values["gpu_index"] = _int(env, "GPU_INDEX")
         if env.get("FSW_CACHE_DIR"):
             values["cache_dir"] = Path(env["FSW_CACHE_DIR"])
+        if env.get("FSW_ENCODE_QUEUE"):
+            values["encode_queue"] = env["FSW_ENCODE_QUEUE"]
+        if env.get("FSW_ENCODE_CONCURRENCY", "").strip():
+            values["encode_concurrency"] = _int(env, "FSW_ENCODE_CONCURRENCY")
+        if env.get("FSW_PHOTOS", "").strip():
+            values["photos"] = env["FSW_PHOTOS"].strip()
         if env.get("FSW_KEEP_SELFIES", "").strip():
             values["keep_selfies"] = _flag(env, "FSW_KEEP_SELFIES")
         values.update({k: v for k, v in overrides.items() if v is not None})
