@@ -6,6 +6,7 @@
     redis_server   a private redis-server on a free port (`RedisServer`), restartable, optionally persistent
     worker_process a real `fsw-worker run` process and its heartbeat record (`start_worker`, `WorkerProcess`)
     gate           a gate the descriptor engine waits at, so a job stays in hand until a test opens it
+                   (`gated_engines` in this process; `python -m testkit.gated_worker` for a worker process)
     jobs           portal jobs for selfie files (`selfie_job`), added and waited for with `worker.submit`
                    (`run_jobs`)
 
