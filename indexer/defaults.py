@@ -18,6 +18,26 @@ JOBS: int | None = None
 # parent records a finished photo; a task is only a path, so more would just delay Ctrl-C.
 TASKS_PER_JOB = 3
 
+# build/add --fleet: photos per encode job. A job costs the queue a few milliseconds (add, fetch, finish,
+# read, remove) against about 0.4 s of encoding a photo: 4 keep that under 1%, while a worker that dies
+# loses little and the last jobs of a build still spread over the fleet.
+FLEET_BATCH = 4
+# build/add --fleet: encode jobs on the queue at once. Keeps 64 single-slot workers busy; hashing runs
+# only this far ahead of encoding, and Redis holds a bounded amount of a build.
+FLEET_IN_FLIGHT = 128
+# build/add --fleet: attempts per encode job, 2 s apart (a worker refusing it counts one, so another
+# worker gets the next); a worker dying with it is BullMQ's stalled check, not an attempt.
+FLEET_ATTEMPTS = 3
+FLEET_RETRY_DELAY_MS = 2_000
+# build/add --fleet: how often the indexer looks for finished jobs (the queue keeps the workers busy
+# meanwhile), and for jobs Redis lost (a restart without persistence) to enqueue again.
+FLEET_POLL_S = 0.2
+FLEET_LOST_CHECK_S = 5.0
+# build/add --fleet: first and longest pause between attempts to reach Redis while it is away (doubling);
+# at the start, 3 attempts (1.5 s): a wrong address is reported rather than waited on.
+FLEET_REDIS_WAIT_S = (0.5, 10.0)
+FLEET_CONNECT_ATTEMPTS = 3
+
 # The progress bar: at most five redraws a second on a terminal (smooth, and no cost to the build), and
 # one line every 10 s in a log (rate and ETA often enough to watch, few enough not to bury the summary).
 PROGRESS_TTY_S = 0.2
