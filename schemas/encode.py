@@ -90,16 +90,20 @@ class EncodedPhoto(BaseModel):
     faces: int = Field(0, ge=0, description="Faces found: the rows of `boxes` and `descriptors`.")
     boxes: str = Field("", description="base64 of int32 little-endian, faces x 4: top, right, bottom, left.")
     descriptors: str = Field("", description="base64 of float32 little-endian, faces x 128.")
+    too_small: int = Field(0, ge=0, description="Faces found but narrower than the settings' min_face: counted, "
+                                                "not encoded.")
     skipped: str | None = Field(None, description="Why the photo was not encoded (unreadable, not an image...).")
 
     @classmethod
-    def of(cls, id: str, sha256: str, size: int, boxes: np.ndarray, descriptors: np.ndarray) -> EncodedPhoto:
+    def of(cls, id: str, sha256: str, size: int, boxes: np.ndarray, descriptors: np.ndarray,
+           too_small: int = 0) -> EncodedPhoto:
         """A photo's faces, packed: boxes (n, 4) and descriptors (n, 128), stored exactly (no rounding)."""
         b = np.ascontiguousarray(boxes, dtype=_BOX_DTYPE).reshape(-1, 4)
         d = np.ascontiguousarray(descriptors, dtype=_DESCRIPTOR_DTYPE).reshape(-1, DESCRIPTOR_SIZE)
         if len(b) != len(d):
             raise ValueError(f"{id}: {len(b)} boxes but {len(d)} descriptors")
-        return cls(id=id, sha256=sha256, size=size, faces=len(b), boxes=_pack(b), descriptors=_pack(d))
+        return cls(id=id, sha256=sha256, size=size, faces=len(b), boxes=_pack(b), descriptors=_pack(d),
+                   too_small=too_small)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """boxes int32 (n, 4) and descriptors float32 (n, 128), in this machine's byte order."""

@@ -137,14 +137,14 @@ class EncodeJobs:
                 f"the copy at {source.describe()} differs from the indexer's (sha256 {sha256[:12]}, indexer "
                 f"{photo.sha256[:12]}): does FSW_PHOTOS name the same photo tree?"))
         try:
-            faces = self.encoders.get(request.settings).faces(load_image(data))
+            faces, too_small = self.encoders.get(request.settings).photo_faces(load_image(data))
         except ImageError as e:
             return EncodedPhoto(id=photo.id, sha256=sha256, size=len(data), skipped=str(e))
         except Exception as e:  # an encoder failure on one photo must not fail the batch
             return EncodedPhoto(id=photo.id, sha256=sha256, size=len(data),
                                 skipped=f"encoder error: {type(e).__name__}: {e}")
         found = PendingPhoto.from_faces(photo.id, sha256, len(data), 0.0, faces)
-        return EncodedPhoto.of(photo.id, sha256, len(data), found.boxes, found.descriptors)
+        return EncodedPhoto.of(photo.id, sha256, len(data), found.boxes, found.descriptors, too_small)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
