@@ -69,4 +69,5 @@ def _is_terminal(stream: TextIO) -> bool:
 
 
 def _counts(p: Progress) -> str:
-    return f"faces {p.faces}" + (f", {p.skipped} skipped" if p.skipped else "")
+    workers = f", {p.workers} fsw-worker{'s' if p.workers > 1 else ''}" if p.workers else ""  # a fleet build
+    return f"faces {p.faces}" + (f", {p.skipped} skipped" if p.skipped else "") + workers
