@@ -1,9 +1,10 @@
 """`fsw-worker run` end to end: a real worker process, a real Redis, real faces, and two producers, the
 Python bullmq Queue and the portal's own client (the official Node.js bullmq) sending the portal's exact jobs.
 
-One worker serves the whole module (started with `--gpus all`, which on this GPU-less machine must
-mean one CPU process); the tests that need a worker of their own start it beside that one. A test that
-needs a job in a worker's hands holds it at the worker's gate (`testkit.gate`).
+One CPU worker serves the whole module (`--gpus cpu`: the same worker on a machine with GPUs or
+without); the tests that need a worker of their own start it beside that one, `--gpus all` among them,
+checked against the GPUs the machine has. A test that needs a job in a worker's hands holds it at the
+worker's gate (`testkit.gate`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -27,8 +29,9 @@ from testkit.gate import Gate
 from testkit.images import encoded, png_bomb
 from testkit.jobs import NODE_CLIENT, run_jobs, selfie_job, wait_jobs, wait_state
 from testkit.photos import PhotoTree
-from testkit.worker_process import WorkerProcess, start_worker, worker_command
+from testkit.worker_process import START_TIMEOUT_S, WorkerProcess, start_worker, worker_command
 from worker.defaults import HEARTBEAT_INTERVAL_S
+from worker.heartbeat import base_worker_id, gpu_count
 from worker.service import node_client_name
 
 QUEUE = "fsw-e2e"
@@ -38,7 +41,7 @@ BASE_ID = f"{socket.gethostname()}_cpu0_fr"
 @pytest.fixture(scope="module")
 def worker(redis_url: str, built_gallery: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     gate = Gate(tmp_path_factory.mktemp("gate"))
-    proc = start_worker(redis_url, built_gallery, QUEUE, tmp_path_factory.mktemp("worker"), "--gpus", "all", gate=gate)
+    proc = start_worker(redis_url, built_gallery, QUEUE, tmp_path_factory.mktemp("worker"), "--gpus", "cpu", gate=gate)
     yield proc
     proc.stop()
 
@@ -191,7 +194,7 @@ def test_heartbeat_record_has_the_dashboards_fields_with_real_values(
     record = worker.wait_record(lambda rec: rec["jobs_processed"] > before and rec["current_job"] is None,
                                 timeout=3 * HEARTBEAT_INTERVAL_S)
     Heartbeat.model_validate(record)
-    assert record["id"] == BASE_ID  # --gpus all without a GPU: one CPU process
+    assert record["id"] == BASE_ID  # --gpus cpu: the CPU worker's id, on any machine
     assert (record["hostname"], record["engine"]) == (socket.gethostname(), "face_recognition")
     assert record["concurrency"] == 1
     assert record["use_cpu"] is True
@@ -279,6 +282,37 @@ def test_second_worker_takes_the_next_id_runs_jobs_side_by_side_and_sigterm_fini
         assert again.id == f"{BASE_ID}_2"
     finally:
         assert again.stop() == 0
+
+
+def test_gpus_all_serves_with_each_gpu_the_machine_has_or_one_cpu_process(
+    redis_url: str, built_gallery: Path, tmp_path: Path, faces_dir: Path, photo_tree: PhotoTree,
+) -> None:
+    queue, gpus, started = "fsw-e2e-gpus", gpu_count(), time.time()
+    proc = start_worker(redis_url, built_gallery, queue, tmp_path, "--gpus", "all", wait=False)
+
+    def serving() -> list[dict[str, Any]]:  # by queue, not pid: under a supervisor each GPU has a child
+        with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+            records = [json.loads(v) for v in r.hgetall("workers").values()]  # type: ignore[union-attr]
+        return [x for x in records
+                if x.get("queue") == queue and x["status"] == "online" and x["start_time"] >= started]
+
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(serving()) < max(gpus, 1) and time.monotonic() < deadline:
+            assert proc.proc.poll() is None, proc.log_text()[-3000:]
+            time.sleep(0.2)
+        records = serving()
+        (job,) = run_jobs(redis_url, queue, [selfie_job(faces_dir / "queries" / "q04.jpg")])
+    finally:
+        assert proc.stop() == 0
+    assert sorted(x["gpu_index"] for x in records if x["gpu_index"] is not None) == list(range(gpus))
+    assert len(records) == max(gpus, 1)
+    for record in records:
+        assert record["id"].startswith(base_worker_id(socket.gethostname(), record["gpu_index"]))
+        assert (record["gpu_name"] is None) == (record["gpu_index"] is None)
+        if not gpus:  # one CPU process, the one started
+            assert record["pid"] == proc.proc.pid and record["use_cpu"] is True
+    assert job.state == "completed" and set(job.photo_ids) <= photo_tree.photos_of("obama")
 
 
 def test_fsw_worker_submit_prints_the_result_or_the_reason(

@@ -1,10 +1,13 @@
 """The registry on a real Redis: which id a starting worker takes (the collision rule), and the machine
-metrics the record carries, GPU ones included (read through a stand-in NVML on this GPU-less machine)."""
+metrics the record carries, GPU ones included (read through a stand-in NVML, so on any machine), and the
+GPU count NVML gives, checked against what `nvidia-smi` lists: on a machine with GPUs as on one without."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 import sys
 import time
 import types
@@ -30,6 +33,15 @@ def record(**changes: Any) -> Heartbeat:
         job_p50_ms=None,
     )
     return Heartbeat(**{**values, **changes})
+
+
+def gpus_nvidia_smi_lists() -> int:
+    """The GPUs this machine has, as the NVIDIA driver's own tool lists them; 0 without the driver."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
 
 
 def with_redis(redis_url: str, body: Callable[[Redis], Awaitable[Any]]) -> Any:
@@ -90,12 +102,15 @@ def test_workers_starting_together_never_share_an_id(redis_url: str) -> None:
     assert sorted(ids) == sorted([BASE] + [f"{BASE}_{n}" for n in range(2, 7)])
 
 
-def test_host_metrics_without_a_gpu() -> None:
-    sample = HostMetrics(None).sample()
+def test_host_metrics_of_a_cpu_worker_have_no_gpu_fields() -> None:
+    sample = HostMetrics(None).sample()  # a CPU worker, on a machine with GPUs or without
     assert sample["gpu_name"] is sample["gpu_utilization"] is sample["gpu_memory_used_mb"] is None
     assert sample["gpu_temperature"] is None
     assert 0 <= sample["cpu_percent"] <= 100 and 0 < sample["ram_percent"] < 100 and sample["ram_available_gb"] > 0
-    assert gpu_count() == 0  # this machine has no NVIDIA driver
+
+
+def test_gpu_count_is_what_the_machine_has() -> None:
+    assert gpu_count() == gpus_nvidia_smi_lists()
 
 
 def test_host_metrics_read_the_gpu_through_nvml(monkeypatch: pytest.MonkeyPatch) -> None:

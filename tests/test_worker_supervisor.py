@@ -50,10 +50,13 @@ def test_plan_devices_refuses_what_is_not_there(spec: str, count: int, message: 
 
 def test_run_names_a_missing_gpu_on_this_machine() -> None:
     from worker.cli import main
+    from worker.heartbeat import gpu_count
 
-    result = CliRunner().invoke(main, ["run", "--gpus", "0"])
+    gpus = gpu_count()  # the first GPU this machine does not have, with a GPU or without
+    result = CliRunner().invoke(main, ["run", "--gpus", str(gpus)])
     assert result.exit_code == 2
-    assert "--gpus names GPU 0, but NVML sees no GPU" in result.output
+    seen = f"GPUs 0 to {gpus - 1}" if gpus else "no GPU"
+    assert f"--gpus names GPU {gpus}, but NVML sees {seen}" in result.output
 
 
 CHILD = """
