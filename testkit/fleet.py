@@ -7,7 +7,9 @@
     leftover_keys    what Redis still holds of an encode queue (SCAN): jobs, results, events with descriptors
 
 `python -m testkit.fleet GATE_FOLDER run [fsw-worker options]` is the gated worker: fsw-worker's own CLI,
-settings and process, with the gate installed before each photo of an encode job.
+settings and process, with the gate installed before each photo of an encode job. With `FAIL_PHOTOS`
+(photo ids, comma-separated) in its environment, a job holding one of them fails at that photo, as a
+photo that crashes the encoding code would (one that kills the process is BullMQ's stalled check).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from testkit.gate import Gate
 from testkit.worker_process import _ENV_PREFIXES, ROOT, START_TIMEOUT_S, WorkerProcess, worker_command
 
 ENCODE_JOB_KEY = "enc-"  # every encode job id starts so (schemas.encode.encode_job_id)
+FAIL_PHOTOS = "FSW_TEST_FAIL_PHOTOS"
 
 
 def start_encoder(redis_url: str, gallery: Path, queue: str, encode_queue: str, workdir: Path, *args: str,
@@ -101,10 +104,13 @@ def _install(gate: Gate) -> None:
     from worker.encode_jobs import EncodeJobs
 
     encode_photo = EncodeJobs._encode_photo
+    failing = set(filter(None, os.environ.get(FAIL_PHOTOS, "").split(",")))
 
-    def held(self: Any, *args: Any) -> Any:
+    def held(self: Any, request: Any, source: Any, photo: Any) -> Any:
         gate.hold()
-        return encode_photo(self, *args)
+        if photo.id in failing:
+            raise RuntimeError(f"{photo.id} fails every time (testkit.fleet {FAIL_PHOTOS})")
+        return encode_photo(self, request, source, photo)
 
     EncodeJobs._encode_photo = held  # type: ignore[method-assign]
 

@@ -25,7 +25,7 @@ import redis
 from indexer.fleet import FleetEncoding, FleetSettings
 from indexer.pipeline import Summary, index_photos
 from matcher.encoder import EncoderSettings
-from testkit.fleet import gallery_faces, leftover_keys, max_difference, start_encoder
+from testkit.fleet import FAIL_PHOTOS, gallery_faces, leftover_keys, max_difference, start_encoder
 from testkit.gate import Gate
 from testkit.jobs import run_jobs, selfie_job
 from testkit.photos import PhotoTree
@@ -120,6 +120,25 @@ def test_a_batch_held_by_a_killed_worker_is_encoded_by_another(
     summary = build.result(timeout=STALLED_WITHIN_S + 300)
     _assert_same_as_local(tmp_path / "gallery", built_gallery, summary)
     assert summary.workers == [survivor.id]
+    assert leftover_keys(redis_url, encode) == {}
+
+
+def test_a_photo_that_fails_every_attempt_is_reported_and_the_rest_indexed(
+    redis_url: str, photo_tree: PhotoTree, built_gallery: Path, tmp_path: Path, queues: tuple[str, str],
+    workers: list[WorkerProcess],
+) -> None:
+    search, encode = queues
+    local = gallery_faces(built_gallery)
+    bad = sorted(local)[3]
+    workers.append(start_encoder(redis_url, tmp_path / "no-gallery", search, encode, tmp_path / "w",
+                                 gate=Gate(tmp_path / "gate"), **{FAIL_PHOTOS: bad}))
+    summary = _Build(redis_url, encode, photo_tree, tmp_path / "gallery").result()
+    # its batch failed three times, was split, and the photo alone failed three times more: then reported
+    assert [item["path"] for item in summary.skipped] == [bad]
+    assert summary.skipped[0]["reason"].startswith("encoding failed on every attempt: ")
+    assert "fails every time" in summary.skipped[0]["reason"]
+    del local[bad]
+    assert max_difference(gallery_faces(tmp_path / "gallery"), local) < 1e-6
     assert leftover_keys(redis_url, encode) == {}
 
 
