@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+from redis.exceptions import RedisError
 
 from indexer.defaults import CHECKPOINT_S
 from indexer.pipeline import Summary, index_photos
 from indexer.progress import ProgressBar
 from matcher import detectors, layout
-from matcher.defaults import DEFAULT_GALLERY
+from matcher.defaults import DEFAULT_GALLERY, FORGET_THRESHOLD
 from matcher.encoder import MIN_FACE, Encoder, EncoderSettings, default_detector
 from matcher.errors import FswError
 from matcher.gallery import Gallery
@@ -155,11 +156,75 @@ def remove(targets: tuple[str, ...], gallery: Path) -> None:
 
 
 @main.command()
+@click.argument("selfie", required=False, type=click.Path(exists=True, path_type=Path))
+@_gallery_option
+@click.option("--threshold", type=float, default=FORGET_THRESHOLD, show_default=True,
+              help="Faces more similar than this to the selfie are hidden (similarity = 1 - distance).")
+@click.option("--list", "list_", is_flag=True, help="List the forgotten entries (the gallery's and the portal's).")
+@click.option("--undo", multiple=True, metavar="ID", help="Forget no more: delete entry ID (repeat for more).")
+@click.option("--from-redis", is_flag=True,
+              help="Take the portal's forget-face requests from Redis into the gallery (Redis as for fsw-worker).")
+@click.option("--encoder", "engine", type=click.Choice(["onnx", "dlib"]), default="onnx", show_default=True)
+@_errors
+def forget(selfie: Path | None, gallery: Path, threshold: float, list_: bool, undo: tuple[str, ...],
+           from_redis: bool, engine: str) -> None:
+    """Hide a person's faces from every search: SELFIE is their photo, or a folder of face images.
+
+    Each face in the gallery like the selfie's is hidden, face by face: a group photo still comes back
+    for the others in it. Photos added later are covered too: the selfie's descriptor is kept in the
+    gallery (never the selfie). A folder (the old worker's exclude_faces/) gives one entry per image.
+
+    \b
+        fsw-index forget graduate.jpg
+        fsw-index forget /srv/old-worker/exclude_faces
+        fsw-index forget --list
+        fsw-index forget --undo 3f9c2a1b7e04
+        fsw-index forget --from-redis
+    """
+    from indexer import forget as forgetting
+
+    if sum((selfie is not None, list_, bool(undo), from_redis)) != 1:
+        raise click.UsageError("give one of SELFIE (or a folder), --list, --undo ID or --from-redis")
+    if selfie is not None:
+        done = forgetting.forget_images(gallery, selfie, threshold, engine, _cache_dir())
+        for entry, path, hidden in done.made:
+            click.echo(f"forgotten {entry.id}: {path}, {hidden} face{'' if hidden == 1 else 's'} hidden now")
+        for path, reason in done.skipped:
+            click.echo(f"  skipped {path}: {reason}", err=True)
+        click.echo(f"gallery version {done.version}; undo with `fsw-index forget --undo ID`")
+        if done.skipped:
+            sys.exit(1)
+        return
+    portal, shown = forgetting.portal_redis()
+    try:
+        portal.ping()
+    except (RedisError, OSError) as e:
+        if from_redis:
+            raise FswError(f"Redis at {shown} does not answer ({e}): set REDIS_URL as for fsw-worker") from None
+        click.echo(f"Redis at {shown} does not answer: the portal's forgets are left out", err=True)
+        portal = None
+    if list_:
+        entries = forgetting.listing(gallery, portal)
+        click.echo("\n".join(forgetting.describe(x) for x in entries) or "nothing forgotten")
+    elif undo:
+        ids, version = forgetting.undo(gallery, list(undo), portal)
+        click.echo(f"undone {', '.join(ids)}; gallery version {version}")
+    else:
+        assert portal is not None
+        taken, version, left = forgetting.fold(gallery, portal)
+        click.echo(f"{len(taken)} forgotten entr{'y' if len(taken) == 1 else 'ies'} taken from Redis; "
+                   f"gallery version {version}")
+        if left:
+            click.echo(f"{len(left)} stay in Redis until every worker serves version {version}: "
+                       "run this again later", err=True)
+
+
+@main.command()
 @_gallery_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_errors
 def info(gallery: Path, as_json: bool) -> None:
-    """Counts by stage, faces, encoder settings, version and size on disk."""
+    """Counts by stage, faces, forgotten people, encoder settings, version and size on disk."""
     g = Gallery.open(gallery)
     stats = g.stats()
     size = sum(p.stat().st_size for p in gallery.iterdir() if p.is_file())
@@ -173,6 +238,8 @@ def info(gallery: Path, as_json: bool) -> None:
         "settings": g.settings,
         "bytes_on_disk": size,
         "stages": dict(sorted(stats.stages.items())),
+        "forgotten": len(g.forgotten),
+        "faces_hidden": int((g.face_hidden & g.face_live).sum()),
     }
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -180,6 +247,8 @@ def info(gallery: Path, as_json: bool) -> None:
     click.echo(f"gallery {gallery}: version {stats.version}, {stats.photos} photos, {stats.faces} faces, "
                f"{stats.photos_without_faces} photos without a face, {size / 1e6:.1f} MB on disk")
     click.echo(f"photo root: {g.manifest.photo_root}")
+    if g.forgotten:
+        click.echo(f"forgotten: {out['forgotten']} (`fsw-index forget --list`), hiding {out['faces_hidden']} faces")
     click.echo("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(g.settings.items())))
     click.echo("stages:")
     for stage, n in sorted(stats.stages.items()):

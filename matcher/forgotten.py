@@ -89,9 +89,10 @@ def make(descriptor: np.ndarray, threshold: float = FORGET_THRESHOLD, source: st
 
 
 def dumps(entries: Iterable[Forgotten]) -> bytes:
-    """A gallery's forgotten file: `{"format": 1, "forgotten": [entry, ...]}`, in the order given."""
-    doc = {"format": FILE_FORMAT, "forgotten": [e.to_dict() for e in entries]}
-    return json.dumps(doc, indent=1, sort_keys=True).encode()
+    """A gallery's forgotten file: `{"format": 1, "forgotten": [entry, ...]}`, in the order given, one
+    entry a line."""
+    lines = ",\n".join(json.dumps(e.to_dict(), sort_keys=True) for e in entries)
+    return f'{{"format": {FILE_FORMAT}, "forgotten": [\n{lines}\n]}}\n'.encode()
 
 
 def loads(data: bytes, name: str = "forgotten file") -> list[Forgotten]:
@@ -102,7 +103,7 @@ def loads(data: bytes, name: str = "forgotten file") -> list[Forgotten]:
             raise ValueError(f"not a format {FILE_FORMAT} forgotten file")
         return [Forgotten.from_dict(raw) for raw in doc["forgotten"]]
     except ValueError as e:
-        raise GalleryError(f"{name} is unreadable ({e}): run `fsw-index verify`") from None
+        raise GalleryError(f"{name} is not a forgotten faces file ({e}): restore it from a backup") from None
 
 
 def file_name(version: int) -> str:
@@ -124,7 +125,7 @@ def read(folder: Path, m: layout.Manifest) -> list[Forgotten]:
     if hashlib.sha256(data).hexdigest() != m.forgotten_sha256:
         raise GalleryError(
             f"{folder / m.forgotten} does not match the sha256 the manifest records: the forgotten faces "
-            "cannot be trusted; restore the file from a backup, or run `fsw-index verify`"
+            "cannot be trusted; restore the file from a backup"
         )
     return loads(data, str(folder / m.forgotten))
 

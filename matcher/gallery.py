@@ -170,6 +170,10 @@ class Gallery:
         view._hide(forgets)
         return view
 
+    def faces_hidden_by(self, entry: forgotten.Forgotten) -> int:
+        """How many faces of this version's photos `entry` hides (whether or not it is applied here)."""
+        return int(self.face_live[forgotten.hidden_rows(self.scanner, self.vectors, entry)].sum())
+
     def _hide(self, forgets: Sequence[forgotten.Forgotten]) -> None:
         held = {e.id for e in self.forgotten}
         more = [e for e in forgets if e.id not in held]

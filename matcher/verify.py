@@ -4,8 +4,9 @@
 readable and of a known format with its settings; every file it names is there and readable; the row
 files hold at least the rows it names; the FAISS index matches its checksum, holds `index_faces`
 vectors, and they equal the descriptors they cache; face rows name photo rows that exist, and each
-photo's face count agrees with them. Files a writer that died left behind are not problems: the next
-writer removes them. The check reads, never writes, and needs no lock.
+photo's face count agrees with them; the forgotten faces' file matches its checksum. Files a writer
+that died left behind are not problems: the next writer removes them. The check reads, never writes,
+and needs no lock.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from matcher import defaults, layout, rows
+from matcher import defaults, forgotten, layout, rows
 from matcher.errors import GalleryError, ManifestError
 
 
@@ -85,7 +86,18 @@ def _check(folder: Path) -> Verdict:
     sound = [_check_file(folder, f, m, v) for f in files]
     descriptors = _check_rows(folder, m, v) if all(sound) else None
     _check_index(folder, m, v, descriptors)
+    _check_forgotten(folder, m, v)
     return v
+
+
+def _check_forgotten(folder: Path, m: layout.Manifest, v: Verdict) -> None:
+    """The forgotten faces' file, when the manifest names one: there, of its sha256, and readable."""
+    try:
+        forgotten.read(folder, m)
+    except OSError as e:
+        v.problems.append(f"{m.forgotten}: named by the manifest but unreadable ({e.strerror or e})")
+    except GalleryError as e:
+        v.problems.append(str(e))
 
 
 def _manifest(folder: Path, problems: list[str]) -> layout.Manifest | None:

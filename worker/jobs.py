@@ -6,6 +6,8 @@
 
 The selfie's whole path is the matcher's, the one `fsw-index search` takes; this module adds what a job
 has and the CLI has not: the job's data, the excluded set in Redis, progress and the worker's counts.
+The portal's forgotten faces (Redis `forgotten_faces`) are hidden from every search as well as the
+gallery's own, and a `forget-face` job adds one (`worker.forget`).
 The search runs in the worker's thread pool, each thread with its own Encoder (dlib's detectors are not
 documented as thread-safe), so the event loop stays free for lock renewal, heartbeats and the other jobs.
 The query's progress stages reach `job.updateProgress` from the event loop, in order: decoded, face
@@ -40,8 +42,10 @@ from matcher.gallery import Gallery
 from matcher.query import Stage, search_selfie
 from matcher.search import Match
 from schemas import EXCLUDED_SET, PROGRESS, FaceSearchJob, JobDataError, dump_result, parse_job
+from schemas.forget import FORGET_JOB, dump_forget_result
 from worker.defaults import REDIS_AWAY_IN_JOB_S, REDIS_WAIT_S
 from worker.engine import WorkerEngine, make_worker_engine
+from worker.forget import PortalForgets
 from worker.reload import GalleryReloader
 from worker.selfies import SelfieRemoval, was_removed
 from worker.stats import WorkerStats
@@ -115,6 +119,7 @@ class SearchJobs:
         redis: Redis,
         stats: WorkerStats,
         selfies: SelfieRemoval | None = None,
+        forgets: PortalForgets | None = None,
     ):
         self.galleries = galleries
         self.encoders = encoders
@@ -122,8 +127,9 @@ class SearchJobs:
         self.redis = redis
         self.stats = stats
         self.selfies = selfies
+        self.forgets = forgets or PortalForgets(redis, executor)
 
-    async def __call__(self, job: JobLike, token: str | None = None) -> list[dict[str, Any]]:
+    async def __call__(self, job: JobLike, token: str | None = None) -> list[dict[str, Any]] | dict[str, Any]:
         job_id = str(job.id)
         self.stats.job_started(job_id)
         timing: dict[str, float] = {}
@@ -150,17 +156,21 @@ class SearchJobs:
             if ends:  # not when cancelled (a worker abandoning its jobs): the job is run again, with its selfie
                 await self._remove_selfie(job, token)
         ms = self.stats.job_finished(job_id, ok=True, search_ms=timing.get("search_ms"))
-        log.info("job %s answered in %.0f ms: %d photo%s", job_id, ms, len(result), "" if len(result) == 1 else "s")
+        said = "forgotten" if isinstance(result, dict) else f"{len(result)} photo{'' if len(result) == 1 else 's'}"
+        log.info("job %s answered in %.0f ms: %s", job_id, ms, said)
         return result
 
-    async def search(self, job: JobLike, timing: dict[str, float]) -> list[dict[str, Any]]:
+    async def search(self, job: JobLike, timing: dict[str, float]) -> list[dict[str, Any]] | dict[str, Any]:
         """The job's result; raises FswError or JobDataError for a job that cannot be answered."""
         if was_removed(job.data):
             raise JobDataError(
                 "image was removed from this job when an earlier attempt of it ended (fsw-worker keeps no "
                 "selfie in Redis): send the selfie again as a new job"
             )
-        gallery = self.galleries.require()  # taken once: a reload during the job does not affect it
+        base = self.galleries.require()  # taken once: a reload during the job does not affect it
+        if getattr(job, "name", None) == FORGET_JOB:
+            return await self._forget(job, base)
+        gallery = await self._while_redis_away(str(job.id), "reading forgotten_faces", lambda: self.forgets.apply(base))
         request = await self._run(parse_job, job.data)
         progress = _Progress(job)
         try:
@@ -173,6 +183,12 @@ class SearchJobs:
         if request.limit is not None:
             matches = matches[: request.limit]
         return dump_result(matches)
+
+    async def _forget(self, job: JobLike, gallery: Gallery) -> dict[str, Any]:
+        """A `forget-face` job: its selfie's descriptor joins the portal's forgotten faces in Redis."""
+        entry = await self._run(lambda: self.forgets.entry(job.data, self.encoders.get(gallery.settings)))
+        await self._while_redis_away(str(job.id), "recording a forgotten face", lambda: self.forgets.record(entry))
+        return dump_forget_result(entry.id, await self._run(gallery.faces_hidden_by, entry))
 
     def _search_selfie(
         self, gallery: Gallery, request: FaceSearchJob, on_progress: Callable[[Stage], None]
