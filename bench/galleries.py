@@ -36,10 +36,12 @@ from matcher.images import load_image
 from matcher.query import selfie_descriptor
 from matcher.writer import GalleryWriter, PendingPhoto
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # 4: the query's stage ("real") holds STAGE_FACES synthetic faces besides the real ones
 MARGIN = 0.55  # above the 0.5 match distance, with room for float32 rounding
 EXPANSION_FACES = 6  # a query's closest gallery faces whose averages with it are kept clear of
 FACES_PER_PHOTO = 4
+STAGE_FACES = 4000  # synthetic faces per stage (folder): 1,000 photos, an event session's worth
+REAL_STAGE = "real"  # the real photos' stage, a job's stage in the staged measurements
 SHRINK = 0.1
 _SEED = 20241129
 _BLOCK = 1 << 16
@@ -140,6 +142,11 @@ class SyntheticModel:
         Each block of `_BLOCK` rows has its own seed, so a smaller draw is a prefix of a larger one.
         """
         out = np.empty((n, 128), np.float32)
+        return out, self.draw_into(out, avoid, seed)
+
+    def draw_into(self, out: np.ndarray, avoid: np.ndarray, seed: int = _SEED) -> int:
+        """`draw` into `out` (n, 128), a file's memory map for the largest galleries; returns the redrawn."""
+        n = len(out)
         redrawn = 0
         for lo in range(0, n, _BLOCK):
             rng = np.random.default_rng([seed, lo // _BLOCK])
@@ -151,7 +158,7 @@ class SyntheticModel:
                 block[near] = self._sample(rng, len(near))
                 near = near[_min_distance(block[near], avoid) < MARGIN]
             out[lo : lo + m] = block
-        return out, redrawn
+        return redrawn
 
     def _sample(self, rng: np.random.Generator, m: int) -> np.ndarray:
         z = rng.standard_normal((m, 128)) @ self.chol.T + self.mean
@@ -198,16 +205,29 @@ class Galleries:
         self.real = real
         self.key = real.key()
         self._largest = largest
-        self._synthetic: np.ndarray | None = None
         self.redrawn = 0
-        self.write_seconds: dict[int, float] = {}
+        self.write_seconds: dict[int, dict[str, float]] = {}
 
-    def synthetic(self) -> np.ndarray:
-        if self._synthetic is None:
-            model = SyntheticModel.fit(np.concatenate([self.real.gallery_descriptors, self.real.query_descriptors]))
-            n = max(self._largest - self.real.face_count, 0)
-            self._synthetic, self.redrawn = model.draw(n, self.real.avoid)
-        return self._synthetic
+    def synthetic(self, n: int | None = None) -> np.ndarray:
+        """At least `n` synthetic descriptors (default: for the largest gallery), read-only, from a cached
+        file (`synthetic-<key>-<rows>.f32`, memory-mapped: 10M faces are 5 GB); drawn into it first if none
+        holds enough. A smaller draw is a prefix of a larger one, so any file long enough will do."""
+        n = max(self._largest - self.real.face_count, 0) if n is None else n
+        for path in sorted(CACHE.glob(f"synthetic-{self.key}-*.f32")):
+            rows = int(path.stem.rsplit("-", 1)[1])
+            if rows >= n:
+                return np.memmap(path, np.float32, "r", shape=(rows, 128))[:n]
+        CACHE.mkdir(parents=True, exist_ok=True)
+        path = CACHE / f"synthetic-{self.key}-{n}.f32"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        log(f"  drawing {n:,} synthetic descriptors into {path}")
+        out = np.memmap(tmp, np.float32, "w+", shape=(max(n, 1), 128))[:n]
+        model = SyntheticModel.fit(np.concatenate([self.real.gallery_descriptors, self.real.query_descriptors]))
+        self.redrawn = model.draw_into(out, self.real.avoid)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+        return np.memmap(path, np.float32, "r", shape=(max(n, 1), 128))[:n]
 
     def path(self, faces: int) -> Path:
         """A gallery of `faces` faces (the real ones included), built now unless cached."""
@@ -218,9 +238,8 @@ class Galleries:
         tmp = CACHE / f".tmp-{os.getpid()}-{faces}-{self.key}"
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"  writing a gallery of {faces:,} faces to {folder}")
-        t = time.perf_counter()
-        write_gallery(tmp, self.real, self.synthetic()[: faces - self.real.face_count])
-        self.write_seconds[faces] = round(time.perf_counter() - t, 2)
+        synthetic = self.synthetic(max(faces - self.real.face_count, 0))
+        self.write_seconds[faces] = write_gallery(tmp, self.real, synthetic, real_stage_faces=STAGE_FACES)
         try:
             os.rename(tmp, folder)
         except OSError:  # another run wrote it first
@@ -241,24 +260,39 @@ class Galleries:
         return folder
 
 
+# Above this many synthetic faces a gallery is written in one commit: the writer's logarithmic merges would
+# read millions of rows back into memory to rewrite them, which the indexer never does at this size at once.
+_ONE_COMMIT_FACES = 2_000_000
+
+
 def write_gallery(folder: Path, real: RealFaces | None, synthetic: np.ndarray, photos_prefix: str = "synthetic",
-                  faces_per_photo: int = FACES_PER_PHOTO, photo_root: Path = CACHE / "photos") -> None:
-    """A gallery of the real dev photos (ids real/gNN.jpg) and synthetic photos of `faces_per_photo` faces."""
+                  faces_per_photo: int = FACES_PER_PHOTO, photo_root: Path = CACHE / "photos",
+                  real_stage_faces: int = 0) -> dict[str, float]:
+    """A gallery of the real dev photos (ids real/gNN.jpg) and synthetic photos of `faces_per_photo` faces,
+    in stages (folders) of STAGE_FACES faces; the first `real_stage_faces` of them in the real photos' stage.
+
+    Returns the seconds it took: `rows` (adding the photos and writing the row files) and `index` (the
+    final commit, which writes the FAISS index from the rows: the cache a worker maps).
+    """
+    t = time.perf_counter()
     with GalleryWriter(folder, EncoderSettings().recorded(), photo_root, "bench", create=True) as writer:
         if real is not None:
             for item, sha, faces in real.photos:
-                writer.add(PendingPhoto.from_faces(f"real/{Path(item.file).name}", sha, item.path.stat().st_size, 0.0,
-                                                   faces))
+                writer.add(PendingPhoto.from_faces(f"{REAL_STAGE}/{Path(item.file).name}", sha,
+                                                   item.path.stat().st_size, 0.0, faces))
         box = np.asarray([10, 110, 110, 10], np.int32)
-        step = 1 << 18
+        step = len(synthetic) if len(synthetic) > _ONE_COMMIT_FACES else 1 << 18
         for lo in range(0, len(synthetic), step):
             block = synthetic[lo : lo + step]
             for k in range(0, len(block), faces_per_photo):
                 n = lo + k
                 descriptors = block[k : k + faces_per_photo]
-                pid = f"{photos_prefix}/s{n // 4000:04d}/p{n:07d}.jpg"
+                stage = REAL_STAGE if n < real_stage_faces else f"{photos_prefix}/s{n // STAGE_FACES:04d}"
+                pid = f"{stage}/p{n:07d}.jpg"
                 writer.add(PendingPhoto(pid, hashlib.sha256(pid.encode()).hexdigest(), 100_000, 0.0,
                                         np.tile(box, (len(descriptors), 1)), descriptors))
-            if lo + step < len(synthetic):
-                writer.commit(final=False)  # bounds the writer's buffer; the last commit writes the index
+            writer.commit(final=False)  # bounds the writer's buffer
+        rows_s = time.perf_counter() - t
+        t = time.perf_counter()
         writer.commit(final=True)
+    return {"rows": round(rows_s, 2), "index": round(time.perf_counter() - t, 2)}

@@ -1,4 +1,5 @@
-"""Memory: what a process holding the gallery costs, from empty to 1M faces, and bytes per face."""
+"""Memory: what a process holding the gallery costs, from empty to 1M faces, bytes per face, and what
+several processes on one machine cost together (they share the mapped descriptors: `matcher.gallery`)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from bench.common import ROOT
+from bench.common import ROOT, ratio
+from bench.memprobe import smaps_rollup
 
 TARGET_BYTES = 512
+PROBE = [sys.executable, "-m", "bench.memprobe"]
 
 
 def probe(gallery: Path) -> dict[str, int]:
-    p = subprocess.run([sys.executable, "-m", "bench.memprobe", str(gallery)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600, check=True)
+    p = subprocess.run([*PROBE, str(gallery)], cwd=ROOT, capture_output=True, text=True, timeout=1200, check=True)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -37,4 +40,34 @@ def measure(galleries: dict[int, Path]) -> dict[str, object]:
             "target_bytes_per_face": round(1.2 * (TARGET_BYTES + metadata), 1),
             "over_descriptor": round(per_face / TARGET_BYTES, 3),
         })
+    return out
+
+
+def sharing(gallery: Path, counts: tuple[int, ...] = (1, 4)) -> dict[str, Any]:
+    """N processes that each open the gallery as a worker does and search it once, all alive at once:
+    their RSS and PSS summed (PSS divides each shared page among the processes that map it, so the sum
+    is what they cost the machine together)."""
+    out: dict[str, Any] = {"gallery": gallery.name, "processes": {}}
+    for n in counts:
+        procs = [subprocess.Popen([*PROBE, str(gallery), "--hold"], cwd=ROOT, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        try:
+            opened = [json.loads(p.stdout.readline()) for p in procs]  # each has opened and searched
+            now = [smaps_rollup(p.pid) for p in procs]  # measured while all of them hold the gallery
+        finally:
+            for p in procs:
+                p.communicate(timeout=120)
+        out["faces"] = opened[0]["faces"]
+        out["mapped_descriptor_bytes"] = opened[0]["mapped_descriptor_bytes"]
+        out["processes"][str(n)] = {
+            "rss_mb": round(sum(m["rss"] for m in now) / 2**20, 1),
+            "pss_mb": round(sum(m["pss"] for m in now) / 2**20, 1),
+            "pss_anon_mb": round(sum(m["pss_anon"] for m in now) / 2**20, 1),
+            "pss_file_mb": round(sum(m["pss_file"] for m in now) / 2**20, 1),
+            "pss_each_mb": [round(m["pss"] / 2**20, 1) for m in now],
+        }
+    first, last = str(counts[0]), str(counts[-1])
+    by = out["processes"]
+    out[f"pss_{last}_over_{first}"] = ratio(by[last]["pss_mb"], by[first]["pss_mb"])
+    out[f"rss_{last}_over_{first}"] = ratio(by[last]["rss_mb"], by[first]["rss_mb"])
     return out

@@ -1,6 +1,9 @@
-"""Run in a subprocess: open a gallery as a worker does and print its RSS, as JSON.
+"""Run in a subprocess: open a gallery as a worker does, search it once, and print its memory, as JSON.
 
-    python -m bench.memprobe GALLERY
+    python -m bench.memprobe GALLERY [--hold]
+
+With --hold the process then waits until its stdin closes, so that the parent can measure several such
+processes at once (`bench.memory.sharing`): what N workers on one machine cost together.
 """
 
 from __future__ import annotations
@@ -9,29 +12,51 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from matcher.gallery import Gallery
 
 
-def main(folder: str) -> None:
+def main(folder: str, hold: bool = False) -> None:
     process = psutil.Process()
     before = process.memory_info().rss
     gallery = Gallery.open(folder)
+    if len(gallery.vectors):
+        gallery.search(np.asarray(gallery.vectors[0]), "")  # a worker serves: every page has been read
     after = process.memory_info().rss
     ids = gallery.photo_ids
     # what the gallery holds besides the descriptors: per-face arrays and the photo id strings
     metadata = (gallery.face_photo.nbytes + gallery.face_boxes.nbytes + gallery.face_live.nbytes
                 + gallery.photo_live.nbytes + ids.nbytes + sum(sys.getsizeof(i) for i in ids))
     print(json.dumps({
-        "faces": int(gallery.index.ntotal),
+        "faces": len(gallery.vectors),
         "photos": len(ids),
         "rss_before_open": before,
         "rss_after_open": after,
         "peak_rss": _high_water_mark(),
-        "descriptor_bytes": int(gallery.index.ntotal) * 512,
+        "descriptor_bytes": gallery.vectors.nbytes,
+        "mapped_descriptor_bytes": sum(b.nbytes for b in gallery.vectors.blocks if not b.flags.owndata),
         "metadata_bytes": int(metadata),
-    }))
+        **smaps_rollup(),
+    }), flush=True)
+    if hold:
+        sys.stdin.read()
+
+
+def smaps_rollup(pid: int | str = "self") -> dict[str, int]:
+    """A process's Rss and Pss (proportional set size: each shared page divided among the processes that
+    map it), split into anonymous and file-backed memory, in bytes (Linux's /proc/PID/smaps_rollup)."""
+    out = {}
+    wanted = {"Rss": "rss", "Pss": "pss", "Pss_Anon": "pss_anon", "Pss_File": "pss_file"}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in wanted:
+                out[wanted[key]] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
 
 
 def _high_water_mark() -> int:
@@ -43,4 +68,4 @@ def _high_water_mark() -> int:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--hold" in sys.argv[2:])

@@ -53,8 +53,10 @@ def draw(results: dict[str, Any], path: Path) -> None:
 
     search = results.get("search", {}).get("sizes", {})
     if search:
-        for key, label, style in (("fsw", "fsw Gallery.search", "o-"), ("faiss_range", "FAISS flat range search", "s-"),
-                                  ("faiss_split_threads", "FAISS, rows split over the cores", "x-"),
+        for key, label, style in (("fsw", "fsw Gallery.search (split over the cores)", "o-"),
+                                  ("fsw_one_core", "fsw's scan on one core", "x-"),
+                                  ("fsw_stage", "fsw, a stage of 4,000 faces", "D-"),
+                                  ("faiss_range", "FAISS flat range search", "s-"),
                                   ("numpy_matmul", "numpy matmul, precomputed norms", "^-")):
             if all(key in v for v in search.values()):
                 _line(search_ax, {k: v[key] for k, v in search.items()}, label, style)

@@ -53,7 +53,7 @@ def _by_size(d: dict[str, Any]) -> list[tuple[int, Any]]:
 def markdown(r: Results, plot: str | None = "../bench/job-latency.png", source: str = "bench/results.json") -> str:
     """The performance page for one run's results; `plot` is the image's path relative to the page."""
     parts = [_header(r, plot, source)]
-    for section in (_jobs, _old_way, _search, _build, _memory, _encoder, _targets):
+    for section in (_jobs, _old_way, _search, _scale, _stages, _build, _memory, _encoder, _targets):
         text = section(r)
         if text:
             parts.append(text)
@@ -196,22 +196,107 @@ def _search(r: Results) -> str:
     if not search.get("sizes"):
         return ""
     bw = search["bandwidth"]["gb_per_s"]
+    sizes = _by_size(search["sizes"])
+    largest = sizes[-1][1]
+    if "fsw_one_core" not in largest:  # a run from before the scan was split over the cores
+        return _search_before_split(r)
+    stage = largest.get("stage", {})
+    rows = [[f"{size:,}", _ms(v["fsw"], 2), _ms(v["fsw_one_core"], 2), _ms(v["fsw_stage"], 2),
+             _ms(v["faiss_range"], 2), _ms(v["numpy_matmul"], 2), f"{v['floor_ms']:.2f}", _x(v["fsw_over_floor"])]
+            for size, v in sizes]
+    threads = largest.get("threads")
+    return "\n".join([
+        "## Search alone, ms", "",
+        f"One descriptor against the gallery. The floor is the bytes scanned at {bw} GB/s, the machine's memory "
+        "bandwidth measured as a 1 GB numpy copy (read + write) on one core.", "",
+        _table(["faces", f"fsw `Gallery.search`, whole gallery ({threads} threads)", "fsw's scan, one core",
+                f"fsw, a stage (`{stage.get('name')}`, {stage.get('faces') or 0:,} faces at the largest size)",
+                "FAISS flat range search (one core)", "numpy matmul, precomputed norms", "floor", "fsw / floor"], rows),
+        "", _source("search.sizes", "search.bandwidth"), "",
+        f"A whole-gallery scan is cut into one slice per core, scanned by FAISS's `range_search_L2sqr` in threads "
+        f"(`matcher.scan`): at {int(largest['faces']):,} faces {_ms(largest['fsw'], 1)} ms against "
+        f"{_ms(largest['fsw_one_core'], 1)} on one core, {_x(largest['fsw_over_floor'])} the one-core floor. A job "
+        "with a stage scans only the stage's rows, so its search costs the same at every gallery size.",
+    ])
+
+
+def _search_before_split(r: Results) -> str:
+    search = r["search"]
+    bw = search["bandwidth"]["gb_per_s"]
     rows = [[f"{size:,}", _ms(v["fsw"], 2), _ms(v["faiss_range"], 2), _ms(v.get("faiss_split_threads"), 2),
              _ms(v["numpy_matmul"], 2), f"{v['floor_ms']:.2f}", _x(v["fsw_over_floor"])]
             for size, v in _by_size(search["sizes"])]
-    largest = _by_size(search["sizes"])[-1][1]
-    split = largest.get("faiss_split_threads")
-    out = ["## Search alone, ms", "",
-           f"One descriptor against the gallery. The floor is the bytes scanned at {bw} GB/s, the machine's memory "
-           "bandwidth measured as a 1 GB numpy copy (read + write).", "",
-           _table(["faces", "fsw `Gallery.search`", "FAISS flat range search", "FAISS, rows split over the cores",
-                   "numpy matmul, precomputed norms", "floor", "fsw / floor"], rows),
-           "", _source("search.sizes", "search.bandwidth")]
-    if split:
-        out += ["", f"FAISS scans for one query on one core; split into one slice per core, the same search at "
-                f"{int(largest['faces']):,} faces takes {split['median_ms']:.1f} ms, "
-                f"{_x(split['median_ms'] / largest['floor_ms'])} the floor."]
+    return "\n".join(["## Search alone, ms", "",
+                      f"One descriptor against the gallery. The floor is the bytes scanned at {bw} GB/s.", "",
+                      _table(["faces", "fsw `Gallery.search`", "FAISS flat range search",
+                              "FAISS, rows split over the cores", "numpy matmul, precomputed norms", "floor",
+                              "fsw / floor"], rows), "", _source("search.sizes", "search.bandwidth")])
+
+
+def _scale(r: Results) -> str:
+    sc = r.get("scale", {})
+    if "jobs" not in sc:
+        return ""
+    j, stages = sc["jobs"], sc["stages"]
+    real, synthetic = list(stages.items())[:2]
+    rows = [
+        ["whole gallery", _ms(j["1k_whole"]), _ms(j["10M_whole"]), _x(sc["whole_10m_over_1k"])],
+        [f"stage `{real[0]}` ({real[1]:,} faces at 10M)", _ms(j["1k_stage"]), _ms(j["10M_stage"]),
+         _x(sc["stage_10m_over_1k"])],
+        [f"stage `{synthetic[0]}` ({synthetic[1]:,} synthetic faces)", "-", _ms(j["10M_synthetic_stage"]), "-"],
+    ]
+    w = sc.get("write_s", {})
+    m = sc["memory"]
+    start, reload = sc["load_while_serving"]["start"], sc["load_while_serving"]["reload"]
+    out = [
+        f"## {sc['faces']:,} faces", "",
+        f"A gallery of {sc['faces']:,} faces in {sc['photos']:,} photos and {sc['folders']:,} folders (the dev set's "
+        f"real photos and synthetic faces, 5 GB of descriptors), on this machine; the query's stage holds its real "
+        "photos and 4,000 synthetic faces. Per-job latency, ms, against the same job on a 1,000-face gallery, "
+        "interleaved:", "",
+        _table(["job", "1,000 faces", f"{sc['faces']:,} faces", "ratio"], rows), "",
+        _source("scale.jobs", "scale.stages") + " Answers equal at both sizes: "
+        f"{'yes' if all(sc['answers_equal'].values()) else 'no'} (`scale.answers_equal`).", "",
+        f"- Search alone over the whole gallery (`scale.search_whole`): {_ms(sc['search_whole'])} ms"
+        + (f", {_x(sc.get('search_over_floor'))} the floor of {sc['floor_ms']} ms." if sc.get("floor_ms") else "."),
+        f"- Writing it (`scale.write_s`): the row files {w.get('rows', '-')} s, then the final commit, which builds "
+        f"the FAISS index from the rows, {w.get('index', '-')} s"
+        f"{'' if w.get('this_run', True) else ' (recorded by the run that wrote the cached gallery)'}.",
+        f"- Opening it (`scale.open_s`): {', '.join(f'{s} s' for s in sc['open_s'])} (first, then again).",
+        f"- A process that opened it and searched once (`scale.memory`): RSS {m['rss_after_open'] / 2**30:.2f} GiB, "
+        f"{sc['bytes_per_face']} bytes a face; of it, {m['mapped_descriptor_bytes'] / 2**30:.2f} GiB are the mapped "
+        f"index file, shared by every worker on the machine; its own memory (PSS of anonymous pages) is "
+        f"{sc['private_bytes_per_face']} bytes a face: what each further worker adds.",
+        f"- Loading it while serving (`scale.load_while_serving`), in a thread as a worker does: at start it took "
+        f"{start['load_s']} s, the event loop's longest lag {start['loop_lag_max_ms']} ms; at a hot reload "
+        f"{reload['load_s']} s, during which {reload['jobs_during_load']} staged jobs on the version in hand "
+        f"completed at {_ms(reload['during_load'])} ms against {_ms(reload['idle'])} idle "
+        f"({_x(reload['during_over_idle'])}), loop lag at most {reload['loop_lag_max_ms']} ms: no job waits for a "
+        "load.",
+    ]
     return "\n".join(out)
+
+
+def _stages(r: Results) -> str:
+    st = r.get("stages", {})
+    if "expansion_on" not in st:
+        return ""
+    on, off = st["expansion_on"], st["expansion_off"]
+    rows = [[name, f"{v['found']}/{v['wanted']}", v["wrong"]]
+            for name, v in (("the stage alone (fsw now)", on["stage_alone"]),
+                            ("the whole gallery, filtered to the stage (before)", on["whole_filtered"]))]
+    return "\n".join([
+        "## A stage's answer", "",
+        f"A job with a stage scans only the stage's rows, and query expansion draws on the stage's photos, where it "
+        f"drew on the whole gallery's. The dev set's {st['photos']} gallery photos laid out in {len(st['stages'])} "
+        f"stages, each of its {st['queries']} queries searched in each stage at {st['threshold']}:", "",
+        _table(["expansion's evidence", "found / wanted", "wrong photos"], rows), "",
+        _source("stages") + f" {on['answers_with_other_photos']} of {st['searches']} answers hold other photos; "
+        f"similarities of the photos both find moved by {on['similarity_change_median']} (median, at most "
+        f"{on['similarity_change_max']}). Without expansion, {off['answers_equal_to_whole_filtered']} of "
+        f"{st['searches']} answers equal the whole gallery's filtered to the stage. `fsw-index eval` searches the "
+        "whole gallery, and its figures are unchanged (docs/accuracy.md).",
+    ])
 
 
 def _build(r: Results) -> str:
@@ -273,7 +358,18 @@ def _memory(r: Results) -> str:
     if "bytes_per_face" in mem:
         out += ["", f"**{mem['bytes_per_face']} bytes a face** (`memory.bytes_per_face`): the 512-byte descriptor, "
                 f"{mem['metadata_bytes_per_face']} bytes of metadata (photo ids, boxes, the face-to-photo map) and "
-                "allocator overhead."]
+                "allocator overhead. The index file's rows are mapped, not copied: they count in each process's RSS, "
+                "but the page cache holds them once for every process on the machine."]
+    sh = mem.get("sharing")
+    if sh:
+        rows = [[n, *(f"{v[k]:,.0f}" for k in ("rss_mb", "pss_mb", "pss_anon_mb", "pss_file_mb"))]
+                for n, v in sorted(sh["processes"].items(), key=lambda kv: int(kv[0]))]
+        out += ["", f"Processes that each open the {sh['faces']:,}-face gallery as a worker does and search it once, "
+                "all alive at once, summed, MiB (PSS divides each shared page among the processes that map it):", "",
+                _table(["processes", "RSS", "PSS", "PSS, own memory", "PSS, mapped files"], rows), "",
+                _source("memory.sharing") + f" Four cost {_x(sh['pss_4_over_1'])} what one costs "
+                f"(`memory.sharing.pss_4_over_1`); their RSS adds up to {_x(sh['rss_4_over_1'])}, counting the "
+                "shared pages four times."]
     return "\n".join(out)
 
 

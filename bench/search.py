@@ -2,21 +2,22 @@
 
 A flat search must read every descriptor once (512 bytes a face), so no exact method can beat
 `bytes / bandwidth`. The bandwidth is measured in the same run with a large numpy copy, counted as
-STREAM does (bytes read + bytes written, per second); the copy runs on one core, as FAISS's search for
-one query does. A gallery that fits in the CPU's caches (10k faces: 5 MB) is read faster than that.
+STREAM does (bytes read + bytes written, per second), on one core. `Gallery.search` splits a whole-gallery
+scan over the cores (`matcher.scan`); FAISS's own range search scans one query on one core. A gallery
+that fits in the CPU's caches (10k faces: 5 MB) is read faster than that. A stage's search scans only
+the stage's rows, whatever the gallery's size.
 """
 
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
 
 from bench.common import stats, timed, timed_together
-from matcher.encoder import cores
+from bench.galleries import REAL_STAGE
 from matcher.gallery import Gallery
-from matcher.search import DEFAULT_THRESHOLD, radius_for
+from matcher.scan import CpuScan
+from matcher.search import DEFAULT_THRESHOLD, radius_for, range_search
 
 COPY_BYTES = 1 << 30
 
@@ -30,41 +31,24 @@ def copy_bandwidth(nbytes: int = COPY_BYTES, repeats: int = 5) -> dict[str, floa
     return {"bytes": nbytes, "copy": st, "gb_per_s": round(2 * nbytes / seconds / 1e9, 3)}
 
 
-def faiss_range(gallery: Gallery, q: np.ndarray):  # noqa: ANN201
-    lims, d, rows = gallery.index.range_search(q.reshape(1, -1), radius_for(DEFAULT_THRESHOLD))
-    return rows
+class FaissRange:
+    """FAISS's flat range search on its own copy of the descriptors: one query, one core."""
 
-
-class SplitRange:
-    """FAISS range search over the rows split into one slice per core, one thread each (FAISS releases
-    the GIL): what `Gallery.search` would gain by using both cores for one query."""
-
-    def __init__(self, vectors: np.ndarray, parts: int):
-        bounds = np.linspace(0, len(vectors), parts + 1).astype(int)
-        self.parts = []
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            index = faiss.IndexFlatL2(vectors.shape[1])
-            index.add(vectors[lo:hi])
-            self.parts.append((int(lo), index))
-        self.pool = ThreadPoolExecutor(parts)
+    def __init__(self, gallery: Gallery):
+        self.index = faiss.IndexFlatL2(128)
+        for block in gallery.vectors.blocks:
+            self.index.add(np.ascontiguousarray(block))
 
     def search(self, q: np.ndarray) -> np.ndarray:
-        def one(part: tuple[int, faiss.IndexFlatL2]) -> np.ndarray:
-            lo, index = part
-            return index.range_search(q.reshape(1, -1), radius_for(DEFAULT_THRESHOLD))[2] + lo
-
-        return np.concatenate(list(self.pool.map(one, self.parts)))
-
-    def close(self) -> None:
-        self.pool.shutdown()
+        return self.index.range_search(q.reshape(1, -1), radius_for(DEFAULT_THRESHOLD))[2]
 
 
 class MatmulScan:
     """numpy with precomputed squared norms: |x|^2 - 2 x.q + |q|^2 in one matrix-vector product."""
 
-    def __init__(self, vectors: np.ndarray):
-        self.vectors = vectors
-        self.norms = np.einsum("ij,ij->i", vectors, vectors)
+    def __init__(self, gallery: Gallery):
+        self.vectors = np.asarray(gallery.vectors)
+        self.norms = np.einsum("ij,ij->i", self.vectors, self.vectors)
 
     def search(self, q: np.ndarray) -> np.ndarray:
         d2 = self.norms - 2.0 * (self.vectors @ q) + float(q @ q)
@@ -73,30 +57,37 @@ class MatmulScan:
 
 def measure_search(gallery: Gallery, q: np.ndarray, repeats: int, bandwidth_gb_s: float) -> dict[str, object]:
     q = np.ascontiguousarray(q, dtype=np.float32)
-    scan = MatmulScan(gallery.vectors)
-    split = SplitRange(gallery.vectors, cores())
+    faiss_range, matmul = FaissRange(gallery), MatmulScan(gallery)
+    one_core = CpuScan(gallery.vectors, threads=1)
+    stage = REAL_STAGE if REAL_STAGE in gallery.scopes else ""
     runs = timed_together({
         "fsw": lambda: gallery.search(q, "", DEFAULT_THRESHOLD),
-        "faiss": lambda: faiss_range(gallery, q),
-        "split": lambda: split.search(q),
-        "numpy": lambda: scan.search(q),
+        "fsw_one_core": lambda: range_search(one_core, gallery.vectors, q, DEFAULT_THRESHOLD)[0],
+        "fsw_stage": lambda: gallery.search(q, stage, DEFAULT_THRESHOLD),
+        "faiss": lambda: faiss_range.search(q),
+        "numpy": lambda: matmul.search(q),
     }, repeats, warmup=2)
-    split.close()
-    (fsw_st, matches), (faiss_st, rows_faiss) = runs["fsw"], runs["faiss"]
-    (split_st, rows_split), (numpy_st, rows_numpy) = runs["split"], runs["numpy"]
-    nbytes = gallery.index.ntotal * gallery.index.d * 4
+    (fsw_st, matches), (one_st, rows_one) = runs["fsw"], runs["fsw_one_core"]
+    (stage_st, stage_matches), (faiss_st, rows_faiss), (numpy_st, rows_numpy) = (
+        runs["fsw_stage"], runs["faiss"], runs["numpy"])
+    nbytes = gallery.vectors.nbytes
     floor_ms = nbytes / (bandwidth_gb_s * 1e9) * 1000
+    scope = gallery.scopes.get(stage)
     return {
-        "faces": int(gallery.index.ntotal),
+        "faces": len(gallery.vectors),
         "bytes_scanned": int(nbytes),
         "floor_ms": round(floor_ms, 3),
-        "faiss_range": faiss_st,
-        "faiss_split_threads": split_st,
-        "numpy_matmul": numpy_st,
+        "threads": gallery.scanner.threads if isinstance(gallery.scanner, CpuScan) else None,
         "fsw": fsw_st,
+        "fsw_one_core": one_st,
+        "fsw_stage": stage_st,
+        "stage": {"name": stage, "faces": int((scope[:, 1] - scope[:, 0]).sum()) if scope is not None else None},
+        "faiss_range": faiss_st,
+        "numpy_matmul": numpy_st,
         "fsw_over_floor": round(fsw_st["median_ms"] / floor_ms, 3) if floor_ms else None,
-        "faces_found": {"faiss": int(len(rows_faiss)), "faiss_split": int(len(rows_split)),
-                        "numpy": int(len(rows_numpy)), "fsw_photos": len(matches)},
+        "faces_found": {"faiss": int(len(rows_faiss)), "fsw_one_core": int(len(rows_one)),
+                        "numpy": int(len(rows_numpy)), "fsw_photos": len(matches),
+                        "fsw_stage_photos": len(stage_matches)},
     }
 
 

@@ -14,8 +14,10 @@ from bench import build as build_mod
 from bench import encoders, worker_jobs
 from bench import jobs as jobs_mod
 from bench import memory as memory_mod
+from bench import scale as scale_mod
 from bench import search as search_mod
-from bench.common import QUERY, Config, log, ratio, timed_together
+from bench import stages as stages_mod
+from bench.common import QUERY, Config, labels, log, ratio, timed_together
 from bench.galleries import Galleries, RealFaces, SyntheticModel, describe_synthetic, encode_real
 from indexer.scan import find_photos
 from matcher.encoder import Encoder, EncoderSettings, cores
@@ -114,8 +116,9 @@ def search(ctx: Context) -> dict[str, Any]:
         gallery = Gallery.open(ctx.galleries.path(size))
         row = search_mod.measure_search(gallery, ctx.query, c.search_repeats, bandwidth["gb_per_s"])
         out["sizes"][str(size)] = row
-        log(f"  search, {size:,} faces: fsw {row['fsw']['median_ms']:.2f} ms, "
-            f"faiss {row['faiss_range']['median_ms']:.2f}, numpy {row['numpy_matmul']['median_ms']:.2f}, "
+        log(f"  search, {size:,} faces: fsw {row['fsw']['median_ms']:.2f} ms ({row['threads']} threads; one "
+            f"core {row['fsw_one_core']['median_ms']:.2f}, a stage {row['fsw_stage']['median_ms']:.2f}), faiss "
+            f"{row['faiss_range']['median_ms']:.2f}, numpy {row['numpy_matmul']['median_ms']:.2f}, "
             f"floor {row['floor_ms']:.2f}")
         del gallery
     return out
@@ -134,7 +137,23 @@ def worker(ctx: Context) -> dict[str, Any]:
 def memory(ctx: Context) -> dict[str, Any]:
     sizes = ctx.config.memory_sizes
     galleries = {s: (ctx.galleries.empty() if s == 0 else ctx.galleries.path(s)) for s in sizes}
-    return memory_mod.measure(galleries)
+    out = memory_mod.measure(galleries)
+    out["sharing"] = memory_mod.sharing(galleries[max(sizes)])
+    log(f"  {max(sizes):,} faces: PSS of 4 processes / 1: {out['sharing']['pss_4_over_1']}")
+    return out
+
+
+def stages(ctx: Context) -> dict[str, Any]:
+    people = {item.file: item.people for item in labels() if item.split == "query"}
+    return stages_mod.measure(ctx.real, people)
+
+
+def scale(ctx: Context, search_results: dict[str, Any] | None) -> dict[str, Any]:
+    if ctx.config.quick:
+        return {"skipped": "not in the quick run: writing the 10M-face gallery takes minutes"}
+    bandwidth = (search_results or {}).get("bandwidth", {}).get("gb_per_s") or search_mod.copy_bandwidth()["gb_per_s"]
+    return scale_mod.measure(ctx.galleries, ctx.encoder("onnx"), str(ctx.payload["image"]), ctx.config.job_repeats,
+                             bandwidth)
 
 
 def old_way(ctx: Context, job_results: dict[str, Any] | None) -> dict[str, Any]:

@@ -34,8 +34,8 @@ def _timing(st: dict) -> None:
 
 def test_quick_run_measures_every_section(quick_run):
     results, _, _ = quick_run
-    for section in ("meta", "jobs", "search", "worker", "memory", "old_way", "build", "encoder", "detection",
-                    "synthetic", "targets"):
+    for section in ("meta", "jobs", "search", "worker", "memory", "stages", "old_way", "build", "encoder",
+                    "detection", "scale", "synthetic", "targets"):
         assert section in results, section
         assert "error" not in results[section], results[section]
     assert results["meta"]["mode"] == "quick"
@@ -71,10 +71,22 @@ def test_search_alone_is_compared_with_the_bandwidth_floor(quick_run):
     search = quick_run[0]["search"]
     assert search["bandwidth"]["gb_per_s"] > 0
     for row in search["sizes"].values():
-        for method in ("fsw", "faiss_range", "faiss_split_threads", "numpy_matmul"):
+        for method in ("fsw", "fsw_one_core", "fsw_stage", "faiss_range", "numpy_matmul"):
             _timing(row[method])
         assert row["floor_ms"] > 0
-        assert row["faces_found"]["faiss"] == row["faces_found"]["faiss_split"] == row["faces_found"]["numpy"]
+        assert row["faces_found"]["faiss"] == row["faces_found"]["fsw_one_core"] == row["faces_found"]["numpy"]
+        assert row["faces_found"]["fsw_stage_photos"] == row["faces_found"]["fsw_photos"]  # the query's own stage
+
+
+def test_scale_sections_say_what_they_measured(quick_run):
+    r = quick_run[0]
+    sharing = r["memory"]["sharing"]
+    assert set(sharing["processes"]) == {"1", "4"} and sharing["pss_4_over_1"] > 0
+    assert len(sharing["processes"]["4"]["pss_each_mb"]) == 4
+    stages = r["stages"]
+    assert stages["expansion_off"]["answers_equal_to_whole_filtered"] == stages["searches"]
+    assert stages["expansion_on"]["stage_alone"]["wanted"] == stages["expansion_on"]["whole_filtered"]["wanted"] > 0
+    assert "skipped" in r["scale"]  # 10M faces: the full run only
 
 
 def test_build_old_way_memory_and_encoder_sections_have_their_figures(quick_run):
