@@ -26,7 +26,7 @@ from bench.common import FACES, QUERY, ROOT, Config, log
 from schemas.job import data_url
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("jobs", "search", "worker", "memory", "old_way", "build", "encoder", "detection")
+SECTIONS = ("jobs", "search", "worker", "memory", "stages", "old_way", "build", "encoder", "detection", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +73,6 @@ def run(config: Config, sections: set[str]) -> dict[str, Any]:
         gc.collect()
 
     from bench import detection
-    from bench import detection
     from bench import sections as s
 
     ctx = s.Context(config, data_url((FACES / QUERY).read_bytes()))
@@ -81,11 +80,12 @@ def run(config: Config, sections: set[str]) -> dict[str, Any]:
     section("search", lambda: s.search(ctx))
     section("worker", lambda: s.worker(ctx))
     section("memory", lambda: s.memory(ctx))
+    section("stages", lambda: s.stages(ctx))
     section("old_way", lambda: s.old_way(ctx, results.get("jobs")))
     section("build", lambda: s.build(ctx))
     section("encoder", lambda: s.encoder(ctx))
     section("detection", lambda: detection.measure(config))
-    section("detection", lambda: detection.measure(config))
+    section("scale", lambda: s.scale(ctx, results.get("search")))
     results["synthetic"] = ctx.synthetic_info()
     from bench import targets
 
