@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 NODE_TESTS := tests/node
 
-.PHONY: install system-deps install-gpu test lint bench bench-quick reliability clean
+.PHONY: install system-deps install-gpu test lint bench bench-quick gpu-check reliability clean
 
 install: system-deps $(VENV)/.installed
 	$(PY) -m matcher.onnx_convert
@@ -51,6 +51,11 @@ bench:
 
 bench-quick:
 	$(PY) -m bench.run --quick
+
+# After `make install-gpu`, on an NVIDIA GPU: the GPU tests, and GPU-vs-CPU search at 1M and 10M faces
+# (bench/gpu-results.json); under 5 minutes.
+gpu-check:
+	$(PY) -m bench.gpu_check
 
 reliability:
 	$(PY) -m pytest -q tests/reliability --reliability-full
