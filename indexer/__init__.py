@@ -2,7 +2,8 @@
 
 Modules: `cli` (the commands: docs/cli.md), `scan` (find the photos and name them), `pipeline`
 (`index_photos`: hash, encode, commit at checkpoints), `encoding` (the encode step: `LocalEncoding`, a
-process pool on this machine), `progress` (the progress bar or log line). `fsw-index eval`
+process pool on this machine), `progress` (the progress bar or log line), `forget` (`fsw-index forget`:
+hide a person's faces, list, undo, take in the portal's forgets). `fsw-index eval`
 (docs/accuracy.md): `labels` (the one labels CSV parser), `scoring` (pure counts per threshold),
 `report` (table, JSON, plot), `evaluate` (the run that ties them). `defaults` (every tunable, with its
 reason).

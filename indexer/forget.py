@@ -14,7 +14,7 @@
 A folder's images get the forget threshold, not the old worker's distance of 0.1 (similarity 0.9): that
 rule compared the old encoder's descriptors of the same face crop, and fsw's descriptor of a face cut
 from a gallery photo lies 0.09 (median) to 0.29 from that face's own, so 0.1 would have missed about a
-third of them (measured on the dev faces, docs/security.md). `--threshold 0.9` gives the old rule back.
+third of them (measured on the dev faces, docs/cli.md). `--threshold 0.9` gives the old rule back.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ Encoding: `images` (load a photo or selfie safely), `encoder` (detect, align, de
 on ONNX Runtime), `onnx_convert` (dlib's .dat -> ONNX, cached), `models` (dlib's model files).
 The gallery (files: docs/gallery-format.md): `layout` (file names, manifest, writer's lock, atomic
 replace, hashing), `rows` (the row files as readers need them; `live`, the one visibility rule),
-`writer` (`GalleryWriter`: add, remove, commit), `gallery` (`Gallery.open`: a version in memory,
-searched), `verify` (what `fsw-index verify` checks).
+`writer` (`GalleryWriter`: add, remove, forget, commit), `gallery` (`Gallery.open`: a version in
+memory, searched), `forgotten` (faces hidden at a person's request), `verify` (what `fsw-index verify`
+checks).
 Search: `search` (the matching rule, `Match`), `expansion` (query expansion), `query` (a selfie's search,
 the one path of `fsw-index search` and every job). `defaults` (every tunable, with its reason),
 `errors` (one type per kind of problem a person can fix).
