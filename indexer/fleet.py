@@ -113,6 +113,7 @@ class FleetEncoding:
         self._recorded: list[str] = []  # jobs whose photos are all recorded (or not needed): removed once committed
         self._committed: list[str] = []  # jobs whose photos the gallery holds: to remove from Redis
         self._build: _Build | None = None
+        self.stats = FleetStats()
 
     def run(self, tasks: Iterator[Task], settings: EncoderSettings, writer: GalleryWriter, record: Record) -> None:
         build = _Build(self, build_key(self.fleet.hostname, str(writer.folder.resolve())), str(writer.photo_root),
@@ -133,6 +134,42 @@ class FleetEncoding:
         except _REDIS_DOWN as e:  # the gallery is committed; the next run of this build removes them
             log.warning("could not remove %d committed encode jobs from Redis (%s): the next run of this "
                         "build removes them", len(self._committed), e)
+
+
+@dataclass
+class FleetStats:
+    """What the completed encode jobs' own records say about where a build's time went (the bench reads it).
+
+    Queue overhead = BullMQ's time on the jobs (processedOn to finishedOn) less the workers' own time on
+    the photos, plus each worker's idle time between its jobs; fixed costs of a build (scan, first and
+    last commit) are outside it.
+    """
+
+    jobs: int = 0
+    photos: int = 0
+    worker_seconds: float = 0.0  # the workers' own time on the photos (EncodeResult.seconds)
+    job_seconds: float = 0.0  # processedOn to finishedOn, summed: the worker time plus BullMQ's and search-first waits
+    idle_seconds: float = 0.0  # a worker's wait between finishing a job and starting its next
+    _last_finish_ms: dict[str, int] = field(default_factory=dict)
+
+    def add(self, job: Job) -> None:
+        try:
+            result = parse_encode_result(job.returnvalue)
+        except EncodeJobError:
+            return
+        self.jobs += 1
+        self.photos += len(result.photos)
+        self.worker_seconds += result.seconds
+        if job.processedOn and job.finishedOn:
+            self.job_seconds += (job.finishedOn - job.processedOn) / 1000
+            last = self._last_finish_ms.get(result.worker)
+            if last is not None and job.processedOn >= last:
+                self.idle_seconds += (job.processedOn - last) / 1000
+            self._last_finish_ms[result.worker] = job.finishedOn
+
+    @property
+    def queue_seconds(self) -> float:
+        return self.job_seconds - self.worker_seconds + self.idle_seconds
 
 
 @dataclass
@@ -279,6 +316,7 @@ class _Build:
                     await self._failed(job_id, batch, str(job.failedReason or "no reason recorded"))
                 else:
                     self._completed(job_id, batch, job.returnvalue)
+                    self.owner.stats.add(job)
                 self._settle_in_flight(job_id)
                 done += 1
         return done

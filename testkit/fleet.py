@@ -32,10 +32,12 @@ FAIL_PHOTOS = "FSW_TEST_FAIL_PHOTOS"
 
 
 def start_encoder(redis_url: str, gallery: Path, queue: str, encode_queue: str, workdir: Path, *args: str,
-                  gate: Gate | None = None, wait: bool = True, **env: str) -> WorkerProcess:
+                  gate: Gate | None = None, wait: bool = True, cpus: set[int] | None = None,
+                  **env: str) -> WorkerProcess:
     """Start `fsw-worker run *args` serving `queue` and encoding from `encode_queue` (env as an operator sets it).
 
-    The caller's own REDIS_/FSW_/GPU_/WORKER_ variables are left out, as `start_worker` does.
+    The caller's own REDIS_/FSW_/GPU_/WORKER_ variables are left out, as `start_worker` does. `cpus`: the
+    cores the process may use (its threads follow: a worker as on a machine of that many cores).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"worker-{encode_queue}-{time.monotonic_ns()}.log"
@@ -48,7 +50,8 @@ def start_encoder(redis_url: str, gallery: Path, queue: str, encode_queue: str, 
         command = [sys.executable, "-m", "testkit.fleet", str(gate.folder), "run", *args]
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, env=full_env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, env=full_env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     worker = WorkerProcess(proc, log, redis_url, queue, gate)
     if wait:
         worker.wait_record(lambda rec: rec["status"] != "starting", timeout=START_TIMEOUT_S)
