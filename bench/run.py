@@ -26,7 +26,8 @@ from bench.common import FACES, QUERY, ROOT, Config, log
 from schemas.job import data_url
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("jobs", "search", "worker", "memory", "stages", "old_way", "build", "encoder", "detection", "scale")
+SECTIONS = ("jobs", "search", "worker", "memory", "stages", "old_way", "build", "encoder", "detection", "scale",
+            "fleet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +73,7 @@ def run(config: Config, sections: set[str]) -> dict[str, Any]:
         results["meta"]["section_seconds"][name] = round(time.perf_counter() - t, 1)
         gc.collect()
 
-    from bench import detection
+    from bench import detection, fleet
     from bench import sections as s
 
     ctx = s.Context(config, data_url((FACES / QUERY).read_bytes()))
@@ -86,6 +87,7 @@ def run(config: Config, sections: set[str]) -> dict[str, Any]:
     section("encoder", lambda: s.encoder(ctx))
     section("detection", lambda: detection.measure(config))
     section("scale", lambda: s.scale(ctx, results.get("search")))
+    section("fleet", lambda: fleet.measure(config))
     results["synthetic"] = ctx.synthetic_info()
     from bench import targets
 
