@@ -33,6 +33,7 @@ from matcher.errors import GalleryError
 from matcher.gallery import Gallery
 from matcher.query import search_selfie
 from matcher.verify import verify_gallery
+from matcher.writer import GalleryWriter
 from schemas.forget import FORGET_JOB, FORGOTTEN_HASH
 from testkit.jobs import run_jobs, selfie_job
 from testkit.photos import PhotoTree
@@ -144,7 +145,8 @@ def test_list_and_undo_restore_the_photos(
     assert fsw_index(redis_url, "forget", "--list", "-g", gallery).output.strip() == "nothing forgotten"
     assert not forgotten_file.exists()  # the descriptor is deleted with the entry
     assert not list(gallery.glob("forgotten-*"))
-    assert json.loads(layout.manifest_path(gallery).read_text())["format"] == layout.FORMAT
+    manifest = json.loads(layout.manifest_path(gallery).read_text())
+    assert manifest["format"] == layout.FORMAT and not {"forgotten", "forgotten_sha256"} & set(manifest)
 
     again = fsw_index(redis_url, "forget", "--undo", entry, "-g", gallery)
     assert again.exit_code == 1 and f"no forgotten entry {entry}" in again.output
@@ -231,6 +233,26 @@ def test_a_tampered_forgotten_file_is_refused_not_half_used(
     with pytest.raises(GalleryError, match="does not match the sha256"):
         Gallery.open(gallery)
     assert any("does not match the sha256" in p for p in verify_gallery(gallery))
+
+
+def test_a_gallery_without_forgotten_faces_is_written_as_before(built_gallery: Path) -> None:
+    manifest = json.loads(layout.manifest_path(built_gallery).read_text())
+    assert manifest["format"] == layout.FORMAT == 2 and not {"forgotten", "forgotten_sha256"} & set(manifest)
+    assert Gallery.open(built_gallery).forgotten == () and not Gallery.open(built_gallery).face_hidden.any()
+
+
+def test_a_forgotten_file_left_by_a_killed_writer_is_removed_by_the_next(
+    gallery: Path, labels: list[Label], redis_url: str, portal: Any,
+) -> None:
+    fsw_index(redis_url, "forget", query(labels, ROSE), "-g", gallery)
+    named = str(layout.read_manifest(gallery).forgotten)
+    (gallery / "forgotten-v99.json").write_text("{}")  # written, its manifest never was
+    (gallery / ".forgotten-v99.json.4242.tmp").write_text("{")
+    settings = layout.read_manifest(gallery).settings
+    with GalleryWriter(gallery, settings, command="test"):
+        pass
+    assert sorted(p.name for p in gallery.glob("*forgotten*")) == [named]
+    assert len(Gallery.open(gallery).forgotten) == 1
 
 
 def test_forgotten_entries_round_trip_exactly() -> None:
