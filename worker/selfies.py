@@ -135,13 +135,14 @@ class SelfieRemoval:
         text = raw.decode() if isinstance(raw, bytes) else raw
         try:
             data = without_selfie(json.loads(text))
-        except ValueError:  # not JSON: no producer of BullMQ's wrote it; not ours to rewrite
+            rewritten = None if data is None else _dumps(data)
+        except ValueError:  # not JSON (or NaN in it): no BullMQ producer wrote it; not ours to rewrite
             return 0
-        if data is None:
+        if rewritten is None:
             return 0
         sha1 = hashlib.sha1(text.encode()).hexdigest()
         done = await self.redis.eval(  # type: ignore[misc]
-            _REMOVE_IF_FINISHED, 2, self.job_key(job_id), finished, job_id, sha1, _dumps(data)
+            _REMOVE_IF_FINISHED, 2, self.job_key(job_id), finished, job_id, sha1, rewritten
         )
         return int(bool(done))
 
@@ -154,5 +155,7 @@ class SelfieRemoval:
                     log.info("removed the selfie left in %d finished job%s", removed, "" if removed == 1 else "s")
             except (RedisError, OSError) as e:  # Redis away: the heartbeat reports it; the next sweep catches up
                 log.debug("selfie sweep not done (%s): next in %.0f s", type(e).__name__, SELFIE_SWEEP_S)
+            except Exception:  # a bug must not end the sweeps for the worker's life
+                log.exception("selfie sweep failed: trying again in %.0f s", SELFIE_SWEEP_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), SELFIE_SWEEP_S)
