@@ -16,7 +16,10 @@ once at load by one scan per forgotten descriptor (`face_hidden`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,6 +123,7 @@ class Gallery:
                 time.sleep(defaults.GALLERY_OPEN_RETRY_S)
                 continue
             if layout.manifest_version(folder) in (manifest.version, None):
+                _return_freed_memory()
                 return gallery
             last = None  # a newer version was committed while we read: load that one
         raise GalleryError(f"could not read the gallery at {folder}: {last or 'it kept changing'}")
@@ -131,7 +135,7 @@ class Gallery:
         got = rows.read_rows(folder, m, ("id", "removed_at"), ("photo", "box"))
         live = rows.live(got.photos["removed_at"], m.version)
         face_photo = got.faces["photo"].astype(np.int32)
-        boxes = got.faces["box"].astype(np.int32)
+        boxes = got.faces["box"].astype(np.int32, copy=False)
         vectors = _load_descriptors(folder, m)
         scanner = None
         if gpu is not None:
@@ -249,6 +253,15 @@ def _map_index(path: Path) -> faiss.IndexFlat:
     if not isinstance(index, faiss.IndexFlat):
         raise GalleryError(f"{path.name} is not a flat FAISS index: rebuild it with `fsw-index build`")
     return index
+
+
+def _return_freed_memory() -> None:
+    """Give the operating system back the heap that loading freed (the row files' columns as read, before
+    conversion): glibc keeps it otherwise, and every worker process would hold it unused (17 MB at 1M
+    faces, a sixth of a worker's own memory). Linux only; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)
 
 
 def _touch(block: np.ndarray) -> np.ndarray:
