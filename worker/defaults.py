@@ -77,6 +77,21 @@ SELFIE_SWEEP_BATCH = 20
 REMOVE_ON_COMPLETE = {"age": 24 * 3600, "count": 1000}
 REMOVE_ON_FAIL = {"age": 7 * 24 * 3600}
 
+# -- encode jobs for fsw-index --fleet (`worker.encode_jobs`, `worker.photo_source`) ----------------------
+
+# How often a held encode job looks again whether the search queue is clear: a selfie's wait for the
+# photo in progress dwarfs it, and two Redis reads 20 times a second cost Redis nothing.
+SEARCH_CLEAR_POLL_S = 0.05
+# Added to the nice value of the encode threads (and the ONNX Runtime threads they start): a photo in
+# progress yields the CPU to a selfie that arrives meanwhile (the kernel gives +10 about a tenth of the share).
+ENCODE_NICE = 10
+# A photo larger than this is refused before it is read whole: an event photo is 2-30 MB; 200 MB covers a
+# 64-megapixel PNG (the decoder's own pixel limit) and keeps a runaway response from filling memory.
+MAX_PHOTO_BYTES = 200 * 1024 * 1024
+# The longest a photo's HTTP fetch may take, all of it: a healthy server sends 30 MB in a fraction of that;
+# a stuck one must not hold an encode thread (and its batch) for long.
+FETCH_TIMEOUT_S = 30.0
+
 # -- the heartbeat record and the registry (`worker.stats`, `worker.heartbeat`) --------------------------
 
 # Recent latencies kept for the heartbeat's medians: a few minutes of a busy worker's jobs.
