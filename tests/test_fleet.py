@@ -316,3 +316,15 @@ def test_the_indexer_reads_redis_as_the_worker_does() -> None:
     fleet, worker = FleetSettings.from_env(env), WorkerSettings.from_env(env)
     assert fleet.redis_url == worker.redis_url and fleet.queue == worker.encode_queue == "enc"
     assert "pw" not in fleet.redis_display and "pw" not in repr(fleet)
+
+
+def test_encode_threads_run_at_a_lower_priority_than_search(encode_jobs: EncodeJobs) -> None:
+    import os
+
+    from worker.defaults import ENCODE_NICE
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = nice()
+    assert encode_jobs.executor.submit(nice).result() == min(19, mine + ENCODE_NICE) or mine >= 19

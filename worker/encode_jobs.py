@@ -11,9 +11,10 @@ of its own, so the portal's search jobs keep theirs. The contract is `schemas.en
 
 Search first: a job is fetched whenever an encode slot is free, but no photo of it starts while this
 process holds a search job or any search job waits on the queue; so a selfie never waits behind a batch,
-at most beside the one photo in progress. A photo that cannot be read or decoded is a skip reason in the
-result, never a failed job. A job this worker cannot do as asked (other settings, no photo tree here)
-fails with the reason, and BullMQ retries it (on any worker) until its attempts are spent.
+at most beside the one photo in progress, whose threads run at a lower scheduling priority
+(`ENCODE_NICE`). A photo that cannot be read or decoded is a skip reason in the result, never a failed
+job. A job this worker cannot do as asked (other settings, no photo tree here) fails with the reason,
+and BullMQ retries it (on any worker) until its attempts are spent.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,15 +46,13 @@ from schemas.encode import (
     EncodeResult,
     parse_encode_job,
 )
+from worker.defaults import ENCODE_NICE, SEARCH_CLEAR_POLL_S
 from worker.jobs import EncoderPool, JobLike
 from worker.photo_source import PhotoSource, PhotoUnavailable, photo_source
 from worker.stats import WorkerStats
 
 log = logging.getLogger("fsw.worker")
 
-# How often a held encode job looks again whether the search queue is clear: a selfie's wait for the
-# photo in progress dwarfs it, and two Redis reads 20 times a second cost Redis nothing.
-SEARCH_CLEAR_POLL_S = 0.05
 
 
 class EncodeRefused(Exception):
@@ -96,7 +97,8 @@ class EncodeJobs:
         photos: str | None = None,
     ):
         self.encoders = encoders
-        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fsw-encode")
+        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fsw-encode",
+                                           initializer=_lower_priority)
         self.search_first = search_first
         self.worker_id = worker_id
         self.photos = photos  # FSW_PHOTOS: a folder or an http(s) base URL; None: the job's photo root
@@ -152,6 +154,16 @@ class EncodeJobs:
     def shutdown(self) -> None:
         """The worker is stopping: drop photos not started (a stuck fetch ends at its own timeout)."""
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_priority() -> None:
+    """In each new encode thread: a nicer scheduling priority than the search threads' (Linux sets it per
+    thread, and the ONNX Runtime threads this thread starts inherit it)."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + ENCODE_NICE))
+    except (AttributeError, OSError) as e:  # not Linux, or not allowed: search first still holds between photos
+        log.info("encode threads keep their priority (%s)", e)
 
 
 def _settings_problem(settings: dict[str, Any]) -> str | None:

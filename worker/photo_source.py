@@ -19,12 +19,8 @@ from typing import Protocol
 from urllib.error import HTTPError, URLError
 from urllib.parse import quote, urlsplit
 
-# A photo larger than this is refused before it is read whole: an event photo is 2-30 MB; 200 MB covers a
-# 64-megapixel PNG (the decoder's own pixel limit) and keeps a runaway response from filling memory.
-MAX_PHOTO_BYTES = 200 * 1024 * 1024
-# The longest a photo's HTTP fetch may take, all of it: a healthy server sends 30 MB in a fraction of that;
-# a stuck one must not hold an encode thread (and its batch) for long.
-FETCH_TIMEOUT_S = 30.0
+from worker.defaults import FETCH_TIMEOUT_S, MAX_PHOTO_BYTES
+
 _CHUNK = 1 << 20
 _ACCEPTED_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 
