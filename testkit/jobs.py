@@ -1,4 +1,5 @@
-"""Portal jobs for the tests: a selfie file's job data, and jobs put on a queue and waited for.
+"""Portal jobs for the tests: a selfie file's job data, jobs put on a queue and waited for, and a job
+that records its progress for driving the handler in-process (`RecordingJob`).
 
 Both go through the worker's own producer, `worker.submit` (`job_data`, `add_jobs`, `wait_job`), so the
 tests send exactly what `fsw-worker submit` and the bench send. `NODE_CLIENT` is the portal's own
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +24,19 @@ from worker.submit import job_data, wait_job
 NODE_CLIENT = ROOT / "tests" / "node"
 UID = "graduate@example.edu"
 T = TypeVar("T")
+
+
+@dataclass
+class RecordingJob:
+    """The parts of a bullmq Job that `worker.jobs.SearchJobs` uses, for driving it in-process: progress is
+    recorded instead of sent."""
+
+    data: Any
+    id: str = "1"
+    progress: list[Any] = field(default_factory=list)
+
+    async def updateProgress(self, value: Any) -> None:
+        self.progress.append(value)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +18,11 @@ from redis.asyncio import Redis
 
 from indexer.cli import main as fsw_index
 from matcher.defaults import MIN_SELFIE_SIDE, SELFIE_MAX_PIXELS
+from testkit.jobs import RecordingJob
 from worker.jobs import EncoderPool, SearchJobs
 from worker.reload import GalleryReloader
 from worker.stats import WorkerStats
 from worker.submit import job_data
-
-
-@dataclass
-class RecordingJob:
-    data: Any
-    id: str = "selfie-path"
-    progress: list[Any] = field(default_factory=list)
-
-    async def updateProgress(self, value: Any) -> None:
-        self.progress.append(value)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import asyncio
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from schemas import dump_result
 from schemas.job import data_url
 from testkit.gate import Gate, gated_engines
 from testkit.images import encoded
-from testkit.jobs import selfie_job
+from testkit.jobs import RecordingJob, selfie_job
 from testkit.photos import PhotoTree
 from worker.engine import WorkerEngine, is_cuda_oom, make_worker_engine
 from worker.jobs import EncoderPool, SearchJobs
@@ -36,18 +35,6 @@ from worker.reload import GalleryReloader
 from worker.service import WorkerService
 from worker.settings import WorkerSettings
 from worker.stats import WorkerStats
-
-
-@dataclass
-class RecordingJob:
-    """The parts of a bullmq Job the handler uses; progress is recorded instead of sent."""
-
-    data: Any
-    id: str = "1"
-    progress: list[Any] = field(default_factory=list)
-
-    async def updateProgress(self, value: Any) -> None:
-        self.progress.append(value)
 
 
 @pytest.fixture(scope="module")
