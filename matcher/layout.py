@@ -1,4 +1,5 @@
-"""The files of a gallery folder: their names, the manifest, the writer's lock, atomic replacement, hashing.
+"""The files of a gallery folder: their names, the manifest (validated field by field), the writer's lock,
+atomic replacement, hashing.
 
 What each file holds and why no committed file is ever modified: docs/gallery-format.md. The row files
 are read by `matcher.rows` and written by `matcher.writer`.
@@ -9,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,8 +62,70 @@ class Manifest:
     format: int = FORMAT
 
 
-_KINDS: dict[str, type] = {"version": int, "photos": int, "faces": int, "index_faces": int, "settings": dict,
-                           "segments": list}
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def is_file_name(v: Any) -> bool:
+    """A name of a file directly in the gallery folder, as the writer names them: no path (absolute, `..`,
+    a separator, a drive), so that no manifest can make a reader open a file outside the folder."""
+    return isinstance(v, str) and v not in ("", ".", "..") and not any(c in v for c in "/\\:\x00")
+
+
+def _sha256(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
+
+
+def _null_or(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+# Each field a manifest may hold: its check, and what it must be (said in the refusal). Missing fields take
+# the Manifest's defaults; unknown ones are ignored.
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "version": (_count, "a non-negative integer"),
+    "photos": (_count, "a non-negative integer"),
+    "faces": (_count, "a non-negative integer"),
+    "index_faces": (_count, "a non-negative integer"),
+    "segments": (lambda v: isinstance(v, list), "a list of row files"),
+    "index": (_null_or(is_file_name), "null or a file name in the gallery folder"),
+    "index_sha256": (_null_or(_sha256), "null or 64 hex digits"),
+    "forgotten": (_null_or(is_file_name), "null or a file name in the gallery folder"),
+    "forgotten_sha256": (_null_or(_sha256), "null or 64 hex digits"),
+    "photo_root": (lambda v: isinstance(v, str), "a string"),
+    "settings": (lambda v: isinstance(v, dict), "an object"),
+    "written_at": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "command": (lambda v: isinstance(v, str), "a string"),
+}
+_SEGMENT: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "file": (is_file_name, "a file name in the gallery folder"),
+    "photos": (_count, "a non-negative integer"),
+    "faces": (_count, "a non-negative integer"),
+    "removals": (_count, "a non-negative integer"),  # may be absent: 0
+}
+
+
+def _malformed(raw: dict[str, Any]) -> dict[str, str]:
+    """The manifest's malformed fields, each with what it must be; {} for a sound one."""
+    bad = {k: what for k, (ok, what) in _FIELDS.items() if k in raw and not ok(raw[k])}
+    if "segments" in bad:
+        return bad
+    segments = raw.get("segments", [])
+    for i, s in enumerate(segments):
+        if not isinstance(s, dict):
+            bad[f"segments[{i}]"] = "an object with file, photos, faces and removals"
+            continue
+        for k, (ok, what) in _SEGMENT.items():
+            if (k in s or k != "removals") and not ok(s.get(k)):
+                bad[f"segments[{i}].{k}"] = what
+    if bad:
+        return bad
+    for k in ("photos", "faces"):
+        if sum(s[k] for s in segments) > raw.get(k, 0):
+            bad["segments"] = f"files holding at most the manifest's {k} ({raw.get(k, 0)})"
+    if raw.get("index_faces", 0) > raw.get("faces", 0):
+        bad["index_faces"] = f"at most faces ({raw.get('faces', 0)})"
+    return bad
 
 
 def manifest_path(gallery: str | os.PathLike[str]) -> Path:
@@ -74,8 +138,9 @@ def is_gallery(gallery: str | os.PathLike[str]) -> bool:
 
 def read_manifest(gallery: str | os.PathLike[str]) -> Manifest:
     """The committed manifest; ManifestError (a GalleryError) when the folder is missing or not a gallery,
-    or its manifest is unreadable, of an unknown format or malformed. `fsw-index verify` reports the
-    error's `problem`; everyone else its message, which adds the fix."""
+    or its manifest is unreadable, of an unknown format or malformed: a field of the wrong type, a file
+    name that is not one in the folder, counts that disagree (`_FIELDS`, `_SEGMENT`), each named. `fsw-index
+    verify` reports the error's `problem`; everyone else its message, which adds the fix."""
     folder = Path(gallery)
     build = f"build one with `fsw-index build PHOTOS --gallery {folder}`"
     verify = f"run `fsw-index verify --gallery {folder}`"
@@ -97,11 +162,10 @@ def read_manifest(gallery: str | os.PathLike[str]) -> Manifest:
         problem = (f"{MANIFEST_NAME} has format {raw.get('format')!r}; "
                    f"this fsw reads formats {', '.join(map(str, READABLE_FORMATS))}")
         raise ManifestError(problem, f"{folder}/{problem}")
-    bad = [k for k, kind in _KINDS.items() if k in raw and not (isinstance(raw[k], kind) and raw[k] is not True)]
-    bad += [k for k in ("version", "photos", "faces", "index_faces") if isinstance(raw.get(k), int) and raw[k] < 0]
-    bad += [k for k in ("index", "forgotten") if raw.get(k) is not None and not isinstance(raw[k], str)]
+    bad = _malformed(raw)
     if bad:
-        problem = f"{MANIFEST_NAME}: malformed {', '.join(sorted(set(bad)))}"
+        said = "; ".join(f"{k} must be {what}" for k, what in sorted(bad.items()))
+        problem = f"{MANIFEST_NAME}: malformed {', '.join(sorted(bad))} ({said})"
         raise ManifestError(problem, f"{folder}/{problem}: {verify}")
     known = set(Manifest.__dataclass_fields__)
     return Manifest(**{k: v for k, v in raw.items() if k in known})

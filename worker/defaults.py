@@ -36,6 +36,9 @@ HEARTBEAT_INTERVAL_S = 5.0
 PAUSE_POLL_S = 1.0
 # A new gallery version is picked up within 2 s of its commit; each poll reads one small manifest file.
 RELOAD_POLL_S = 2.0
+# While a worker has no gallery to serve (none yet, or a malformed one), it says why this often: one line,
+# often enough to be seen in a log being watched, not a line at every poll.
+GALLERY_WAITING_LOG_S = 10.0
 # The longest a graceful stop waits for the jobs in hand (a job takes well under a second; this covers a
 # stuck one without hanging a deployment's restart for long).
 GRACEFUL_STOP_S = 120.0
