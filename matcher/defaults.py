@@ -96,10 +96,10 @@ MERGE_RATIO = 2
 # A new FAISS file is written when the faces after the last one exceed this share of all faces; below it,
 # readers add those rows from the row files, so a small `add` costs no rewrite of the index.
 INDEX_REWRITE_SHARE = 0.25
-# A reader that finds a file replaced under it (a writer committed meanwhile) tries again: 20 tries
-# 0.2 s apart outlast any commit's renames; a gallery unreadable for 4 s is damaged, not busy.
+# A reader whose load fails because a writer committed meanwhile (and deleted a file the version it read
+# named) loads the new version at once; 20 commits in a row during one load is a gallery gone wrong. A load
+# that fails under an unchanged manifest is not tried again: the same files would fail the same way.
 GALLERY_OPEN_ATTEMPTS = 20
-GALLERY_OPEN_RETRY_S = 0.2
 # `fsw-index verify` checks again when a version was committed while it read; after 5 it reports what it
 # read, rather than chase a writer that commits faster than a check.
 VERIFY_ATTEMPTS = 5

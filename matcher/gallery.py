@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import logging
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from matcher import defaults, forgotten, layout, rows, scan
+from matcher import defaults, forgotten, index_file, layout, rows, scan
 from matcher.errors import GalleryError, StageError
 from matcher.search import (
     DEFAULT_THRESHOLD,
@@ -38,6 +38,8 @@ from matcher.search import (
     check_threshold,
     range_search,
 )
+
+log = logging.getLogger("fsw.gallery")
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,10 @@ class Gallery:
             try:
                 gallery = cls._load(folder, manifest, gpu, on_gpu_fallback)
             except (OSError, KeyError, ValueError, RuntimeError) as e:
-                last = e
-                time.sleep(defaults.GALLERY_OPEN_RETRY_S)
+                if layout.read_manifest(folder) == manifest:
+                    # the same version fails the same way again: no retry can help (a damaged file)
+                    raise GalleryError(f"could not read the gallery at {folder}: {e}") from e
+                last = e  # a writer committed while we read, and deleted a file we needed: load the new one
                 continue
             if layout.manifest_version(folder) in (manifest.version, None):
                 _return_freed_memory()
@@ -227,10 +231,16 @@ class Gallery:
 
 
 def _load_descriptors(folder: Path, m: layout.Manifest) -> scan.Descriptors:
-    """The index file's rows, memory-mapped, then committed rows written after it, read from the row files."""
+    """The index file's rows, memory-mapped, then committed rows written after it, read from the row files.
+    An index file that is not the one the manifest recorded is not read (`matcher.index_file`): all rows
+    then come from the row files, and a warning says so."""
     blocks, mapped = [], None
-    if m.index and m.index_faces <= m.faces and (folder / m.index).is_file():
-        mapped = _map_index(folder / m.index)
+    why = index_file.problem(folder, m) if m.index else None
+    if why is not None:
+        log.warning("gallery at %s: %s; its %d descriptors are read from the row files instead "
+                    "(`fsw-index verify` checks the gallery)", folder, why, m.index_faces)
+    elif m.index:
+        mapped = index_file.read(folder / m.index)
         if mapped.ntotal != m.index_faces or mapped.d != scan.DIM:
             raise GalleryError(f"{m.index} holds {mapped.ntotal} faces, the manifest says {m.index_faces}")
         if mapped.ntotal:
@@ -241,18 +251,6 @@ def _load_descriptors(folder: Path, m: layout.Manifest) -> scan.Descriptors:
     if tail:
         blocks.append(np.concatenate(tail) if len(tail) > 1 else tail[0])
     return scan.Descriptors(blocks, keep=mapped)
-
-
-def _map_index(path: Path) -> faiss.IndexFlat:
-    """A FAISS flat index file, its rows memory-mapped read-only and shared (MAP_SHARED, PROT_READ): every
-    process that maps the same file reads the same pages of the page cache."""
-    try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
-    except RuntimeError:  # a FAISS without mapping on this system: a private copy, as before
-        index = faiss.read_index(str(path))
-    if not isinstance(index, faiss.IndexFlat):
-        raise GalleryError(f"{path.name} is not a flat FAISS index: rebuild it with `fsw-index build`")
-    return index
 
 
 def _return_freed_memory() -> None:

@@ -10,9 +10,15 @@ with a group (setgid).
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
 import json
 import logging
+import os
 import re
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +66,100 @@ def _edit_manifest(g: Path, **changes: object) -> None:
 
 def _answers(g: Gallery, people: list[int]) -> list[list[str]]:
     return [[m.id for m in g.search(_descriptor(i))] for i in people]
+
+
+# -- the FAISS file: checked before it is read (deliverable 4) -------------------------------------------
+
+
+def _index_header(g: Path) -> tuple[Path, int]:
+    """The index file and the length of its header (what precedes the vectors)."""
+    path = g / _manifest(g)["index"]
+    return path, path.stat().st_size - FACES * 128 * 4
+
+
+def test_a_swapped_vector_in_the_index_is_not_trusted_the_rows_answer(gallery, caplog):
+    path, header = _index_header(gallery)
+    data = bytearray(path.read_bytes())
+    row = 512  # person 1's vector written over person 0's: a search for 1 would find photo 0 at similarity 1
+    data[header : header + row] = data[header + row : header + 2 * row]
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        g = Gallery.open(gallery)
+    assert _answers(g, [0, 1, 2]) == [["Day-1/p0.jpg"], ["Day-1/p1.jpg"], ["Day-1/p2.jpg"]]
+    [line] = [r.getMessage() for r in caplog.records if path.name in r.getMessage()]
+    assert "sha256" in line and "row files" in line
+
+
+_OPEN_IN_A_CHILD = """
+import sys
+from matcher.gallery import Gallery
+from matcher.errors import GalleryError
+try:
+    g = Gallery.open(sys.argv[1])
+except GalleryError as e:
+    print("refused:", e)
+else:
+    print("faces", g.face_count)
+"""
+
+
+def _open_in_a_child(g: Path, out: Path) -> tuple[str, str, float]:
+    """Open the gallery in a fresh process: what it printed and logged, and its own peak RSS in MiB."""
+    err = out.with_suffix(".err")
+    with out.open("w") as f, err.open("w") as e:
+        child = subprocess.Popen([sys.executable, "-c", _OPEN_IN_A_CHILD, str(g)], stdout=f, stderr=e)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's usage, not every child's of the test process
+    child.returncode = os.waitstatus_to_exitcode(status)
+    assert child.returncode == 0, err.read_text()
+    return out.read_text().strip(), err.read_text(), usage.ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("sha_recorded", [False, True], ids=["file-altered", "file-and-manifest-altered"])
+def test_an_index_whose_size_field_asks_for_gigabytes_is_not_read(gallery, sha_recorded):
+    path, header = _index_header(gallery)
+    data = bytearray(path.read_bytes())
+    assert struct.unpack("<Q", data[header - 8 : header]) == (FACES * 128,)  # the vector's length, in floats
+    data[header - 8 : header] = struct.pack("<Q", 1 << 30)  # 4 GiB of floats
+    path.write_bytes(bytes(data))
+    if sha_recorded:  # whoever altered the file also recorded its hash: only the size check is left
+        _edit_manifest(gallery, index_sha256=hashlib.sha256(bytes(data)).hexdigest())
+    said, logged, peak_mib = _open_in_a_child(gallery, gallery.parent / "child.out")
+    assert said == f"faces {FACES}"  # rebuilt from the row files
+    assert path.name in logged and "read from the row files instead" in logged
+    # a bound, not a time: the child's imports (numpy, h5py, faiss) cost ~150 MiB; the field asked for 4,096
+    assert peak_mib < 1024, peak_mib
+
+
+def test_a_gallery_that_fails_the_same_way_is_not_retried(gallery, monkeypatch):
+    (gallery / layout.H5_NAME).write_bytes(b"not hdf5")
+    calls = []
+    load = Gallery._load.__func__  # type: ignore[attr-defined]
+
+    def counted(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Gallery, "_load", classmethod(counted))
+    with pytest.raises(GalleryError, match="could not read the gallery"):
+        Gallery.open(gallery)
+    assert len(calls) == 1
+
+
+def test_a_load_that_fails_because_a_writer_committed_meanwhile_is_retried(gallery, monkeypatch):
+    load = Gallery._load.__func__  # type: ignore[attr-defined]
+    calls = []
+
+    def commit_first(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:  # a writer commits version 2 under the reader, which then finds a file gone
+            with GalleryWriter(gallery, SETTINGS) as w:
+                w.add(_photo(FACES))
+                w.commit()
+            raise OSError(errno.ENOENT, "No such file or directory")
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Gallery, "_load", classmethod(commit_first))
+    assert Gallery.open(gallery).version == 2 and len(calls) == 2
 
 
 # -- the manifest: validated field by field (deliverable 8) ---------------------------------------------

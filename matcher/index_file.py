@@ -1,0 +1,94 @@
+"""The FAISS index file of a gallery version: checked before FAISS may read it, then read memory-mapped.
+
+`index-v<N>.faiss` caches the first `index_faces` descriptors of the row files (docs/gallery-format.md).
+FAISS believes what a file says: one swapped vector is searched as it is (a selfie then found another
+person's photo at similarity 1.0), and an altered 8-byte length made a load allocate 4 GiB. So a reader
+(`Gallery.open`, `fsw-index verify`) hands FAISS only a file that is what the writer recorded (`problem`):
+a plain file with the manifest's sha256, of the size `index_faces` vectors make, with the header FAISS
+writes for them, so that what FAISS reads is bounded by the file and the file by the manifest. A file
+that is not is never read: `Gallery` reads those descriptors from the row files instead (the index is a
+cache of them) and logs why; `fsw-index verify` reports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import stat
+import struct
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from matcher import layout
+from matcher.errors import GalleryError
+
+DIM = 128  # floats in a descriptor
+
+
+def problem(folder: Path, m: layout.Manifest) -> str | None:
+    """Why the index file `m` names must not be read (one line, naming the file), or None when it is the
+    one the writer recorded. `m.index` must be set."""
+    assert m.index is not None
+    path = folder / m.index
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return f"{m.index}: named by the manifest but missing"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{m.index}: not a plain file (a link, a folder, a device): the writer writes plain files only"
+    sha = layout.file_sha256(path)
+    if sha != m.index_sha256:
+        return (f"{m.index}: sha256 {sha[:12]}... differs from the manifest's index_sha256 "
+                f"{str(m.index_sha256)[:12]}...; the file is damaged or was replaced")
+    # The hash matched, so whoever changed the file recorded its hash too: the size and header still bound
+    # what FAISS would read to what `index_faces` vectors take.
+    header = expected_header(m.index_faces)
+    if header is None:
+        return f"{m.index}: this FAISS ({faiss.__version__}) writes flat indexes in a layout fsw does not know"
+    size = len(header) + m.index_faces * DIM * 4
+    if st.st_size != size:
+        return f"{m.index}: {st.st_size} bytes, where {m.index_faces} vectors take {size}"
+    with path.open("rb") as f:
+        if f.read(len(header)) != header:
+            return f"{m.index}: its header is not that of a flat index of {m.index_faces} vectors of {DIM}"
+    return None
+
+
+def expected_header(faces: int) -> bytes | None:
+    """The bytes before the vectors in FAISS's file of an IndexFlatL2 of `faces` vectors: 'IxF2', d (int32),
+    ntotal (int64), two unused int64, is_trained (uint8), metric (int32), the vectors' length in floats
+    (uint64). None when this FAISS writes another layout (checked once against its own output)."""
+    empty = _empty_file()
+    if empty is None:
+        return None
+    header = bytearray(empty)
+    header[8:16] = struct.pack("<q", faces)
+    header[-8:] = struct.pack("<Q", faces * DIM)
+    return bytes(header)
+
+
+@functools.cache
+def _empty_file() -> bytes | None:
+    """FAISS's file of an empty IndexFlatL2, when its layout is the one `expected_header` describes."""
+    empty = faiss.serialize_index(faiss.IndexFlatL2(DIM)).tobytes()
+    two = faiss.IndexFlatL2(DIM)
+    vectors = np.arange(2 * DIM, dtype=np.float32).reshape(2, DIM)
+    two.add(vectors)
+    header = bytearray(empty)
+    header[8:16] = struct.pack("<q", 2)
+    header[-8:] = struct.pack("<Q", 2 * DIM)
+    known = faiss.serialize_index(two).tobytes() == bytes(header) + vectors.tobytes()
+    return empty if known else None
+
+
+def read(path: Path) -> faiss.IndexFlat:
+    """A FAISS flat index file (one `problem` passed), its rows memory-mapped read-only and shared
+    (MAP_SHARED, PROT_READ): every process that maps the same file reads the same pages of the page cache."""
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError:  # a FAISS without mapping on this system: a private copy, as before
+        index = faiss.read_index(str(path))
+    if not isinstance(index, faiss.IndexFlat):
+        raise GalleryError(f"{path.name} is not a flat FAISS index: rebuild it with `fsw-index build`")
+    return index
