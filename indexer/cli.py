@@ -74,7 +74,8 @@ def _fleet_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _errors(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Library errors become one line on stderr and exit 1."""
+    """Library errors, and the system's (a full disk, a file that cannot be read), become one line on stderr
+    and exit 1."""
 
     @wraps(f)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -84,6 +85,9 @@ def _errors(f: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(str(e)) from None
         except ValueError as e:
             raise click.UsageError(str(e)) from None
+        except OSError as e:
+            said = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+            raise click.ClickException(said) from None
 
     return run
 

@@ -6,7 +6,8 @@
 (same id, size and modification time, or the same content under any id) are skipped, so running the
 same command again after Ctrl-C or a crash resumes where the last commit left off. Work is committed
 every `checkpoint_s` seconds and at the end; a photo that cannot be read is skipped with its reason,
-and never stops the run.
+and never stops the run. A write that fails (a full disk) stops it with that error and nothing more is
+written: the last committed version stands.
 """
 
 from __future__ import annotations
@@ -114,14 +115,19 @@ def index_photos(
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
-            try:
-                manifest = writer.commit(final=not summary.interrupted)
-                encoding.committed()
-            finally:
+            if writer.failed is not None:
+                # A write failed (a full disk): none more, not even the summary. It would fail alike,
+                # and its error would hide the first one, which is the one to report.
                 encoding.close()
-            summary.version = manifest.version
-            summary.elapsed_s = round(time.monotonic() - started, 3)
-            layout.atomic_write(Path(gallery) / layout.SUMMARY_NAME, summary.to_json())
+            else:
+                try:
+                    manifest = writer.commit(final=not summary.interrupted)
+                    encoding.committed()
+                finally:
+                    encoding.close()
+                summary.version = manifest.version
+                summary.elapsed_s = round(time.monotonic() - started, 3)
+                layout.atomic_write(Path(gallery) / layout.SUMMARY_NAME, summary.to_json())
     return summary
 
 

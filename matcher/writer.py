@@ -107,6 +107,7 @@ class GalleryWriter:
         self._pending: list[PendingPhoto] = []
         self._removals: list[int] = []
         self._forgotten: list[forgotten.Forgotten] | None = None  # read on first use; changed: not None
+        self.failed: Exception | None = None  # the error of a commit that failed: no write is tried after it
 
     @property
     def photo_root(self) -> Path:
@@ -244,6 +245,34 @@ class GalleryWriter:
         m = self.manifest
         if not self.dirty and not (final and _index_due(m)):
             return m
+        if self.failed is not None:
+            raise GalleryError(f"a write to the gallery at {self.folder} failed earlier ({_reason(self.failed)}): "
+                               "this writer writes no more; run the command again")
+        try:
+            new = self._write(m, final)
+        except Exception as e:
+            # A full disk, an I/O error: the previous version stands. Remove what this commit wrote (its
+            # temporary files are gone already), and write nothing more: a second try would fail alike,
+            # and its error would hide this one, the one to report.
+            self.failed = e
+            published = _manifest_or(self.folder, m)
+            with contextlib.suppress(OSError):
+                self._delete_unnamed(m, published)
+            if not isinstance(e, OSError | RuntimeError):  # FAISS reports a failed write as RuntimeError
+                raise
+            raise GalleryError(
+                f"could not write version {m.version + self.dirty} of the gallery at {self.folder}: {_reason(e)}; "
+                f"version {published.version} is intact: free space (or mend the error) and run the command again"
+            ) from e
+        self.manifest = new
+        for offset, p in enumerate(self._pending):
+            self.known.by_id[p.id] = (m.photos + offset, p.sha256)
+        self._pending, self._removals, self._forgotten = [], [], None
+        self._delete_unnamed(new)
+        return new
+
+    def _write(self, m: layout.Manifest, final: bool) -> layout.Manifest:
+        """Write the files of the next version and its manifest; returns the manifest."""
         new = replace(m, written_at=time.time(), command=self.command, format=layout.FORMAT)
         if self.dirty:
             new = replace(new, version=m.version + 1)
@@ -257,15 +286,14 @@ class GalleryWriter:
             name, sha = self._write_index(new)
             new = replace(new, index=name, index_faces=new.faces, index_sha256=sha)
         layout.write_manifest(self.folder, new)
-        self.manifest = new
-        for offset, p in enumerate(self._pending):
-            self.known.by_id[p.id] = (m.photos + offset, p.sha256)
-        self._pending, self._removals, self._forgotten = [], [], None
-        named = {f.name for f in rows.data_files(new)} | {new.index, new.forgotten}
+        return new
+
+    def _delete_unnamed(self, *manifests: layout.Manifest) -> None:
+        """Delete the row, index and forgotten files none of `manifests` names."""
+        named = set().union(*({f.name for f in rows.data_files(m)} | {m.index, m.forgotten} for m in manifests))
         for p in self.folder.iterdir():
             if _is_old(p.name, named):
                 _unlink(p)
-        return new
 
     def _pending_rows(self, version: int) -> Rows:
         m, pending = self.manifest, self._pending
@@ -336,6 +364,21 @@ class GalleryWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reason(e: BaseException) -> str:
+    """An error as one line: an OSError's text and file, FAISS's first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({e.filename})" if e.filename else e.strerror
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _manifest_or(folder: Path, m: layout.Manifest) -> layout.Manifest:
+    """The manifest on disk (a failure after the rename that publishes it leaves it published), else `m`."""
+    try:
+        return layout.read_manifest(folder)
+    except GalleryError:
+        return m
 
 
 def _unlink(path: Path) -> None:

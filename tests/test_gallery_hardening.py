@@ -23,8 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from matcher import layout
+from indexer import cli
+from indexer.encoding import Encoded
+from indexer.pipeline import index_photos
+from matcher import layout, writer
+from matcher.encoder import EncoderSettings
 from matcher.errors import GalleryError
 from matcher.gallery import Gallery
 from matcher.writer import GalleryWriter, PendingPhoto
@@ -237,5 +242,90 @@ def test_a_worker_started_on_a_bad_manifest_waits_and_says_so_until_a_good_one_a
 
 def _waiting_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage()]
+
+
+# -- a failed write (deliverable 9) -----------------------------------------------------------------------
+
+
+class _Encoding:
+    """Encodes nothing: each task's photo gets the face of person `task.size`."""
+
+    def run(self, tasks, settings, writer, record):  # type: ignore[no-untyped-def]
+        for t in tasks:
+            record(Encoded(t, PendingPhoto(t.id, t.sha256, t.size, t.mtime, [(1, 2, 2, 1)], _descriptor(t.size)[None])))
+
+    def committed(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _photo_files(folder: Path, first: int, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(first, first + n):
+        (folder / f"p{i}.jpg").write_bytes(b"\xff\xd8" + bytes([i % 256]) * i)  # size i: the encoding's person
+        out.append(folder / f"p{i}.jpg")
+    return out
+
+
+def _disk_full_after(monkeypatch: pytest.MonkeyPatch, datasets: int) -> list[str]:
+    """Every row file write fails with ENOSPC after `datasets` datasets are written; returns the files tried."""
+    tried: list[str] = []
+    written = [0]
+    write_file, dataset = writer._write_file, writer._dataset
+
+    def counted_write_file(folder, name, *args):  # type: ignore[no-untyped-def]
+        tried.append(name)
+        return write_file(folder, name, *args)
+
+    def full(*args):  # type: ignore[no-untyped-def]
+        written[0] += 1
+        if written[0] > datasets:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return dataset(*args)
+
+    monkeypatch.setattr(writer, "_write_file", counted_write_file)
+    monkeypatch.setattr(writer, "_dataset", full)
+    return tried
+
+
+def test_a_full_disk_during_add_leaves_the_last_version_and_no_temporary_file(tmp_path, monkeypatch):
+    photos, g = tmp_path / "photos", tmp_path / "g"
+    _photo_files(photos / "Day-1", 1, 3)
+    settings = EncoderSettings()
+    index_photos(g, [photos], settings, photo_root=photos, encoding=_Encoding())
+    before = {p.name: p.read_bytes() for p in g.iterdir()}
+    _photo_files(photos / "Day-2", 4, 3)
+    tried = _disk_full_after(monkeypatch, datasets=3)
+    with pytest.raises(GalleryError, match="No space left on device") as e:
+        index_photos(g, [photos / "Day-2"], settings, command="add", checkpoint_s=0, encoding=_Encoding())
+    assert isinstance(e.value.__cause__, OSError) and e.value.__cause__.errno == errno.ENOSPC
+    assert len(tried) == 1  # the checkpoint's write failed; no second write was tried after it
+    assert {p.name: p.read_bytes() for p in g.iterdir()} == before  # no .tmp, no new file, last-run.json kept
+    assert Gallery.open(g).version == 1
+
+
+def test_the_cli_reports_a_full_disk_in_one_line_and_exits_1(gallery, monkeypatch):
+    _disk_full_after(monkeypatch, datasets=0)
+    before = sorted(p.name for p in gallery.iterdir())
+    result = CliRunner().invoke(cli.main, ["remove", "Day-1/p3.jpg", "--gallery", str(gallery)])
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.splitlines()
+    assert "No space left on device" in line and "version 1" in line
+    assert sorted(p.name for p in gallery.iterdir()) == before
+
+
+def test_the_cli_reports_any_os_error_in_one_line(tmp_path, monkeypatch):
+    def fails(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(tmp_path / "g" / layout.SUMMARY_NAME))
+
+    monkeypatch.setattr(cli, "index_photos", fails)
+    (tmp_path / "photos").mkdir()
+    result = CliRunner().invoke(cli.main, ["build", str(tmp_path / "photos"), "--gallery", str(tmp_path / "g")])
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert "Input/output error" in line and layout.SUMMARY_NAME in line
 
 
