@@ -7,8 +7,10 @@ build section's (`bench.build.photo_tree`: copies of the dev gallery, each a dis
 worker is pinned to a core of its own (CPU affinity, which its thread counts follow): two workers stand
 for two one-core machines, and the local build uses the same two cores (`--jobs` = cores).
 
-- photos/s: the local build, the fleet with 1 worker (the other paused by its `worker:<id>:paused`
-  switch) and with 2, interleaved round by round so that other load weighs on each alike.
+- photos/s: the local build (`local`: `--jobs` = cores; `local_1`: one process on one core, the control
+  that says how far this machine's second core scales at the moment), the fleet with 1 worker (the
+  other paused by its `worker:<id>:paused` switch) and with 2, interleaved round by round so that other
+  load weighs on each alike.
 - queue overhead per photo (issue 14's target: under 5% of a photo's encode time), with 1 worker, from
   the jobs' own records (`indexer.fleet.FleetStats`): BullMQ's time on each job (processedOn to finishedOn)
   less the worker's time on its photos (`EncodeResult.seconds`), plus the worker's idle time between jobs,
@@ -69,13 +71,14 @@ def measure(config: Config) -> dict[str, Any]:
         workers: list[WorkerProcess] = []
         try:
             local_gallery = tmp / "local-0"
-            runs: dict[str, list[dict[str, Any]]] = {"local": [], "fleet_1": [], "fleet_2": []}
+            runs: dict[str, list[dict[str, Any]]] = {"local_1": [], "local": [], "fleet_1": [], "fleet_2": []}
             runs["local"].append(_local(tree, local_gallery))  # also the gallery the workers answer selfies from
             workers = [start_encoder(server.url, local_gallery, SEARCH, ENCODE, tmp / f"w{i}", cpus={i % cores()})
                        for i in range(2)]
             idle = _Selfies(server.url)
             idle.run_for(IDLE_SELFIES)
             for r in range(rounds):
+                runs["local_1"].append(_local(tree, tmp / f"local1-{r}", cpus={0}))
                 if r:
                     runs["local"].append(_local(tree, tmp / f"local-{r}"))
                 _pause(server.url, workers[1], True)
@@ -95,6 +98,7 @@ def measure(config: Config) -> dict[str, Any]:
         out[name] = {"photos_per_s": round(float(np.median(rates)), 3), "runs": rows}
         log(f"  fleet section, {name}: {out[name]['photos_per_s']:.2f} photos/s (runs: {rates})")
     out["local"]["jobs"] = cores()
+    out["local_2_over_1"] = round(out["local"]["photos_per_s"] / out["local_1"]["photos_per_s"], 3)
     out["fleet_2_over_1"] = round(out["fleet_2"]["photos_per_s"] / out["fleet_1"]["photos_per_s"], 3)
     out["fleet_2_over_local"] = round(out["fleet_2"]["photos_per_s"] / out["local"]["photos_per_s"], 3)
     one = runs["fleet_1"]
@@ -110,8 +114,15 @@ def measure(config: Config) -> dict[str, Any]:
     return out
 
 
-def _local(tree: Path, gallery: Path) -> dict[str, Any]:
-    summary = index_photos(gallery, [tree], EncoderSettings(), photo_root=tree, jobs=cores())
+def _local(tree: Path, gallery: Path, cpus: set[int] | None = None) -> dict[str, Any]:
+    """A local build with every core it may use: all of them, or `cpus` (then one process, in this one)."""
+    everything = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        summary = index_photos(gallery, [tree], EncoderSettings(), photo_root=tree, jobs=cores())
+    finally:
+        os.sched_setaffinity(0, everything)
     return _row(summary)
 
 
