@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import secrets
 import time
@@ -131,15 +130,11 @@ def read(folder: Path, m: layout.Manifest) -> list[Forgotten]:
 
 
 def write(folder: Path, version: int, entries: Sequence[Forgotten]) -> tuple[str, str]:
-    """Write the entries as `forgotten-v<version>.json`, readable by its owner only (0600), atomically.
+    """Write the entries as `forgotten-v<version>.json`, readable by its owner only (0600, or 0640 in a
+    gallery shared with its group, as every gallery file: `layout.file_mode`), atomically.
     Returns (name, sha256)."""
     name, data = file_name(version), dumps(entries)
-    with layout.atomic_replace(folder / name) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "wb") as f:
-            if hasattr(os, "fchmod"):  # POSIX: 0600 also under a umask that takes bits off
-                os.fchmod(f.fileno(), 0o600)
-            f.write(data)
+    layout.atomic_write(folder / name, data)
     return name, hashlib.sha256(data).hexdigest()
 
 

@@ -1,5 +1,5 @@
 """The files of a gallery folder: their names, the manifest (validated field by field), the writer's lock,
-atomic replacement, hashing.
+atomic replacement, who may read the files, hashing.
 
 What each file holds and why no committed file is ever modified: docs/gallery-format.md. The row files
 are read by `matcher.rows` and written by `matcher.writer`.
@@ -7,10 +7,13 @@ are read by `matcher.rows` and written by `matcher.writer`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -20,7 +23,7 @@ from typing import Any
 import filelock
 
 from matcher import defaults
-from matcher.errors import GalleryLockedError, ManifestError
+from matcher.errors import GalleryError, GalleryLockedError, ManifestError
 
 FORMAT = 2
 # Format 1 is format 2 without segments (gallery.h5 was appended in place); the writer upgrades it.
@@ -194,11 +197,16 @@ def atomic_replace(path: Path) -> Iterator[Path]:
     """Write `path` whole or not at all: yields a temporary path beside it to write; then fsyncs that file,
     renames it over `path` and fsyncs the folder, so that a crash leaves either the old file or the new one.
 
-    On an error the temporary file is removed; a process killed meanwhile leaves `.<name>.<pid>.tmp`, which
-    the next gallery writer removes.
+    The temporary file is created first, empty, with the mode `file_mode` gives (writers that open it
+    again keep that mode), so the data is never readable by others, not even while it is written. On an
+    error it is removed; a process killed meanwhile leaves `.<name>.<pid>.tmp`, which the next gallery
+    writer removes.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        tmp.unlink(missing_ok=True)  # one left by a killed process that had this pid
+        mode = file_mode(path.parent)
+        os.close(_open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, path)
@@ -212,6 +220,51 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     """Replace the file at `path` with `data` (text is written as utf-8), atomically: see `atomic_replace`."""
     with atomic_replace(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+# -- who may read the files ------------------------------------------------------------------------------
+
+# A gallery holds biometric descriptors: its files are its owner's alone (0600, the folder 0700), unless the
+# operator shares the folder with a group by its setgid bit (`chgrp fsw gallery; chmod 2750 gallery`), for
+# workers that run as another user of that group: then the files are 0640 (the folder keeps the
+# operator's group bits). See docs/gallery-format.md, "Who may read it".
+PRIVATE_FILE, GROUP_FILE, PRIVATE_FOLDER = 0o600, 0o640, 0o700
+
+
+def shared_with_group(folder: Path) -> bool:
+    """True when `folder` has the setgid bit: its files get its group, and the group may read them."""
+    try:
+        return bool(folder.stat().st_mode & stat.S_ISGID)
+    except OSError:
+        return False
+
+
+def file_mode(folder: Path) -> int:
+    """The mode of a file fsw writes in `folder`: 0600, or 0640 in a folder shared with its group."""
+    return GROUP_FILE if shared_with_group(folder) else PRIVATE_FILE
+
+
+def make_private(folder: Path) -> None:
+    """Give a new gallery folder its mode: 0700, or, shared with its group, the operator's mode less
+    everything for others. (Not possible for a folder someone else owns: left as it is; its files are
+    0600 or 0640 anyway.)"""
+    mode = stat.S_IMODE(folder.stat().st_mode) & ~0o007 if shared_with_group(folder) else PRIVATE_FOLDER
+    with contextlib.suppress(PermissionError):
+        os.chmod(folder, mode)
+
+
+def _open_private(path: Path, flags: int, mode: int) -> int:
+    """os.open with `mode` exactly (not less what the umask takes), never through a symbolic link."""
+    fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0), mode)
+    if hasattr(os, "fchmod"):  # POSIX; on Windows a file's mode is only its read-only flag
+        try:
+            os.fchmod(fd, mode)
+        except PermissionError:  # a file someone else owns (a lock left by another user of the group)
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def fsync_path(path: Path) -> None:
@@ -249,8 +302,23 @@ class WriterLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+        # The file is emptied below: never open it through a link, or the file it points to would be
+        # emptied instead. O_NOFOLLOW refuses a symbolic link (the check before it is for Windows), the
+        # link count a hard one.
+        if self.path.is_symlink():
+            raise self._not_a_lock_file("a symbolic link")
         try:
+            fd = _open_private(self.path, os.O_RDWR | os.O_CREAT, file_mode(self.path.parent))
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # made a symbolic link since the check
+                raise self._not_a_lock_file("a symbolic link") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._not_a_lock_file("not a plain file")
+            if st.st_nlink != 1:
+                raise self._not_a_lock_file(f"a hard link (one of {st.st_nlink} names of a file)")
             locked = filelock.lock_descriptor(fd, blocking=False)
         except BaseException:
             os.close(fd)
@@ -262,6 +330,10 @@ class WriterLock:
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"\npid {os.getpid()} ({self.command})\n".encode())
         self._fd = fd
+
+    def _not_a_lock_file(self, what: str) -> GalleryError:
+        return GalleryError(f"{self.path} is {what}, not fsw's lock file: remove it (what it links to is left "
+                            "alone) and run the command again")
 
     def holder(self) -> str:
         """Who holds the lock, as its holder wrote it: "pid 4121 (fsw-index add)"."""

@@ -121,6 +121,7 @@ class GalleryWriter:
         if self.folder.exists() and not _only_creation_leftovers(self.folder):
             raise GalleryError(f"{self.folder} is not empty and not an fsw gallery: choose another --gallery")
         self.folder.mkdir(parents=True, exist_ok=True)
+        layout.make_private(self.folder)
         self._lock = layout.WriterLock(self.folder, self.command)
         with self._lock:
             if layout.is_gallery(self.folder):

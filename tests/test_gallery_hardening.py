@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import stat
 import struct
 import subprocess
 import sys
@@ -329,3 +330,61 @@ def test_the_cli_reports_any_os_error_in_one_line(tmp_path, monkeypatch):
     assert "Input/output error" in line and layout.SUMMARY_NAME in line
 
 
+# -- the writer's lock and the files' permissions (deliverable 10) ----------------------------------------
+
+
+def test_a_lock_file_linked_to_another_file_is_refused_and_the_file_left_alone(gallery, tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (gallery / layout.LOCK_NAME).unlink()
+    (gallery / layout.LOCK_NAME).symlink_to(precious)
+    with pytest.raises(GalleryError, match="symbolic link"):
+        GalleryWriter(gallery, SETTINGS)
+    (gallery / layout.LOCK_NAME).unlink()
+    os.link(precious, gallery / layout.LOCK_NAME)  # a hard link, likewise
+    with pytest.raises(GalleryError, match="link"):
+        GalleryWriter(gallery, SETTINGS)
+    assert precious.read_text() == "keep me"
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+
+
+@pytest.fixture
+def usual_umask():  # type: ignore[no-untyped-def]
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_a_new_gallery_is_private_to_its_owner(tmp_path, usual_umask):
+    photos, g = tmp_path / "photos", tmp_path / "g"
+    _photo_files(photos / "Day-1", 1, 3)
+    index_photos(g, [photos], EncoderSettings(), photo_root=photos, encoding=_Encoding())
+    _photo_files(photos / "Day-2", 4, 1)
+    index_photos(g, [photos / "Day-2"], EncoderSettings(), command="add", encoding=_Encoding())
+    assert stat.S_IMODE(g.stat().st_mode) == 0o700
+    modes = _modes(g)
+    assert {layout.MANIFEST_NAME, layout.H5_NAME, "gallery-v2.h5", "index-v1.faiss", layout.LOCK_NAME,
+            layout.SUMMARY_NAME} <= set(modes)
+    assert set(modes.values()) == {0o600}, modes
+
+
+def test_an_old_gallery_s_new_files_are_private_too(gallery, usual_umask):
+    for p in gallery.iterdir():
+        p.chmod(0o644)
+    with GalleryWriter(gallery, SETTINGS) as w:
+        w.add(_photo(FACES))
+        w.commit()
+    modes = _modes(gallery)
+    assert modes["gallery-v2.h5"] == modes[layout.MANIFEST_NAME] == 0o600
+
+
+def test_a_setgid_folder_shares_the_gallery_with_its_group(tmp_path, usual_umask):
+    g = tmp_path / "g"
+    g.mkdir()
+    g.chmod(0o2775)  # what an operator does to let workers of the folder's group read it
+    _build(g)
+    assert stat.S_IMODE(g.stat().st_mode) == 0o2770  # others lose their access; the group keeps its own
+    assert set(_modes(g).values()) == {0o640}, _modes(g)
