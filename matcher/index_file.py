@@ -8,6 +8,9 @@ a plain file with the manifest's sha256, of the size `index_faces` vectors make,
 writes for them, so that what FAISS reads is bounded by the file and the file by the manifest. A file
 that is not is never read: `Gallery` reads those descriptors from the row files instead (the index is a
 cache of them) and logs why; `fsw-index verify` reports it.
+
+The hash costs one read of the file (about 1 s a GB here) in each process at its first load; a reload
+whose manifest names the same unchanged file skips it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ def problem(folder: Path, m: layout.Manifest) -> str | None:
         return f"{m.index}: named by the manifest but missing"
     if not stat.S_ISREG(st.st_mode):
         return f"{m.index}: not a plain file (a link, a folder, a device): the writer writes plain files only"
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if _checked.get((str(path), m.index_sha256)) == identity:
+        return None  # this process checked this very file (a reload after an add that kept the index)
     sha = layout.file_sha256(path)
     if sha != m.index_sha256:
         return (f"{m.index}: sha256 {sha[:12]}... differs from the manifest's index_sha256 "
@@ -52,7 +58,14 @@ def problem(folder: Path, m: layout.Manifest) -> str | None:
     with path.open("rb") as f:
         if f.read(len(header)) != header:
             return f"{m.index}: its header is not that of a flat index of {m.index_faces} vectors of {DIM}"
+    _checked[(str(path), m.index_sha256)] = identity
     return None
+
+
+# Index files this process found sound, by path and recorded hash, with the identity they had then: a file
+# changed since has another ctime (any write sets it, and no one can set it back but the clock's owner),
+# so a reload whose manifest names the same unchanged file does not read 5 GB again at 10M faces.
+_checked: dict[tuple[str, str | None], tuple[int, ...]] = {}
 
 
 def expected_header(faces: int) -> bytes | None:

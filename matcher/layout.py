@@ -317,7 +317,7 @@ class WriterLock:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise self._not_a_lock_file("not a plain file")
-            if st.st_nlink != 1:
+            if st.st_nlink > 1:
                 raise self._not_a_lock_file(f"a hard link (one of {st.st_nlink} names of a file)")
             locked = filelock.lock_descriptor(fd, blocking=False)
         except BaseException:

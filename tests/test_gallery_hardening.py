@@ -96,6 +96,19 @@ def test_a_swapped_vector_in_the_index_is_not_trusted_the_rows_answer(gallery, c
     assert "sha256" in line and "row files" in line
 
 
+def test_an_index_changed_after_a_load_is_checked_again(gallery, caplog):
+    assert _answers(Gallery.open(gallery), [0]) == [["Day-1/p0.jpg"]]  # checked, and remembered as sound
+    path, header = _index_header(gallery)
+    stamp = path.stat()
+    data = bytearray(path.read_bytes())
+    data[header : header + 512] = data[header + 512 : header + 1024]
+    path.write_bytes(bytes(data))  # same file, same size: its times tell it changed
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000_000))
+    with caplog.at_level(logging.WARNING):
+        assert _answers(Gallery.open(gallery), [0, 1]) == [["Day-1/p0.jpg"], ["Day-1/p1.jpg"]]
+    assert any(path.name in r.getMessage() for r in caplog.records)
+
+
 _OPEN_IN_A_CHILD = """
 import sys
 from matcher.gallery import Gallery
