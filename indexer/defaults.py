@@ -37,6 +37,9 @@ FLEET_LOST_CHECK_S = 5.0
 # at the start, 3 attempts (1.5 s): a wrong address is reported rather than waited on.
 FLEET_REDIS_WAIT_S = (0.5, 10.0)
 FLEET_CONNECT_ATTEMPTS = 3
+# build/add --fleet: say so when no worker has taken an encode job for this long (none running, all
+# paused, or all started with --no-encode); a photo takes well under a second.
+FLEET_IDLE_WARN_S = 30.0
 
 # The progress bar: at most five redraws a second on a terminal (smooth, and no cost to the build), and
 # one line every 10 s in a log (rate and ETA often enough to watch, few enough not to bury the summary).

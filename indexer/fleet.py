@@ -42,6 +42,7 @@ from indexer.defaults import (
     FLEET_ATTEMPTS,
     FLEET_BATCH,
     FLEET_CONNECT_ATTEMPTS,
+    FLEET_IDLE_WARN_S,
     FLEET_IN_FLIGHT,
     FLEET_LOST_CHECK_S,
     FLEET_POLL_S,
@@ -201,6 +202,8 @@ class _Build:
         self._redis_down_since: float | None = None
         self._refusals: set[str] = set()
         self._adopted: set[str] = set()
+        self._last_seen_working: float | None = None  # when a job last finished or was seen running
+        self._warned_idle = False
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -222,11 +225,14 @@ class _Build:
                         await self._retrying(self._enqueue, [EncodePhoto(id=t.id, sha256=t.sha256, size=t.size)
                                                              for t in batch], {t.id: t for t in batch})
                 finished = await self._retrying(self._collect)
+                if finished or self._last_seen_working is None:
+                    self._last_seen_working = time.monotonic()
                 await self._retrying(self._remove_committed)
                 if self.exhausted and not self.in_flight:
                     return
                 if time.monotonic() >= next_lost_check:
                     await self._retrying(self._enqueue_lost)
+                    await self._retrying(self._warn_if_nobody_encodes)
                     next_lost_check = time.monotonic() + FLEET_LOST_CHECK_S
                 if not batch and not finished:
                     await asyncio.sleep(self.owner.poll_s)
@@ -450,6 +456,20 @@ class _Build:
         self.owner._committed = []
         # each completed event repeats the job's return value; nothing of fsw reads the stream
         await self.queue.client.xtrim(self.queue.toKey("events"), maxlen=0, approximate=False)
+
+    async def _warn_if_nobody_encodes(self) -> None:
+        """Once, when jobs wait and no worker has taken one for a while: the build would seem to hang."""
+        assert self.queue is not None and self._last_seen_working is not None
+        now = time.monotonic()
+        if self._warned_idle or now - self._last_seen_working < FLEET_IDLE_WARN_S or not self.in_flight:
+            return
+        if await self.queue.client.llen(self.queue.toKey("active")):
+            self._last_seen_working = now
+            return
+        self._warned_idle = True
+        log.warning("no fsw-worker has taken an encode job from queue %r at %s for %.0f s: start fsw-worker "
+                    "(with encoding on) attached to this Redis; the build goes on when one does",
+                    self.fleet.queue, self.fleet.redis_display, now - self._last_seen_working)
 
     async def _enqueue_lost(self) -> None:
         """Enqueue again the jobs Redis no longer has (it restarted without persistence)."""

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,6 +192,43 @@ def test_a_killed_indexer_resumes_from_the_results_waiting_in_redis(
     for job_id in returned:  # results returned before the kill were recorded, not encoded again
         assert log.count(f"encode job {job_id}:") == 1, job_id
     assert log.count("encode job ") > encoded_before  # the rest was encoded after the resume
+    assert leftover_keys(redis_url, encode) == {}
+
+
+def test_a_build_with_no_worker_says_so_and_goes_on_when_one_starts(
+    redis_url: str, photo_tree: PhotoTree, built_gallery: Path, tmp_path: Path, queues: tuple[str, str],
+    workers: list[WorkerProcess], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import indexer.fleet
+
+    monkeypatch.setattr(indexer.fleet, "FLEET_IDLE_WARN_S", 0.5)  # instead of 30 s
+    monkeypatch.setattr(indexer.fleet, "FLEET_LOST_CHECK_S", 0.2)
+    search, encode = queues
+    build = _Build(redis_url, encode, photo_tree, tmp_path / "gallery")
+    deadline = time.monotonic() + 60
+    while "no fsw-worker has taken an encode job" not in caplog.text:
+        assert build.is_alive() and time.monotonic() < deadline, caplog.text
+        time.sleep(0.05)
+    assert encode in caplog.text
+    workers.append(start_encoder(redis_url, tmp_path / "no-gallery", search, encode, tmp_path / "w"))
+    _assert_same_as_local(tmp_path / "gallery", built_gallery, build.result())
+
+
+def test_fsw_index_add_fleet_adds_a_stage(
+    redis_url: str, photo_tree: PhotoTree, built_gallery: Path, tmp_path: Path, queues: tuple[str, str],
+    workers: list[WorkerProcess],
+) -> None:
+    search, encode = queues
+    gallery = tmp_path / "gallery"
+    first, second = sorted(p for p in photo_tree.root.iterdir() if p.is_dir())
+    index_photos(gallery, [first], EncoderSettings(), photo_root=photo_tree.root, jobs=1)
+    workers.append(start_encoder(redis_url, tmp_path / "no-gallery", search, encode, tmp_path / "w"))
+    add = _fsw_index("add", str(second), "--gallery", str(gallery), "--fleet", redis_url=redis_url, encode=encode)
+    out, _ = add.communicate(timeout=300)
+    text = out.decode(errors="replace")
+    assert add.returncode == 0, text
+    assert f"encoded by 1 fsw-worker: {workers[0].id}" in text
+    assert max_difference(gallery_faces(gallery), gallery_faces(built_gallery)) < 1e-6
     assert leftover_keys(redis_url, encode) == {}
 
 
