@@ -69,10 +69,6 @@ def evaluate(r: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(_target("fleet build photos/s, 2 workers / 1 worker", f.get("fleet_2_over_1"), 1.8, True))
     out.append(_target("fleet queue overhead per photo / a photo's encode time", _get(f, "queue_overhead", "share"),
                        0.05, False, unit=""))
-    f = r.get("fleet", {})  # issue 14's targets (bench/fleet.py)
-    out.append(_target("fleet build photos/s, 2 workers / 1 worker", f.get("fleet_2_over_1"), 1.8, True))
-    out.append(_target("fleet queue overhead per photo / a photo's encode time", _get(f, "queue_overhead", "share"),
-                       0.05, False, unit=""))
     d = r.get("detection", {})  # issue 11's targets for the default detector (bench/detection.py)
     for at_least, limit in ((">=20", 0.85), (">=40", 0.95)):
         out.append(_target(f"event set: share of faces {at_least} px the default detector finds",
