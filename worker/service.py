@@ -106,7 +106,9 @@ class WorkerService:
             on_fallback=self.stats.cuda_oom, cache_dir=cache_dir,
         )
         self._encode_jobs: EncodeJobs | None = None
-        self.galleries = GalleryReloader(settings.gallery)
+        self.galleries = GalleryReloader(
+            settings.gallery, gpu=settings.gpu_index, on_gpu_fallback=self.stats.search_gpu_fallback
+        )
         self.metrics = HostMetrics(settings.gpu_index)
         self.install_signals = install_signals
         self.worker_id: str | None = None
@@ -445,5 +447,6 @@ class WorkerService:
             job_p50_ms=self.stats.job_p50_ms(),
             cuda_oom_fallbacks=self.stats.cuda_oom_fallbacks,
             last_cuda_oom=self.stats.last_cuda_oom,
+            search_gpu_fallbacks=self.stats.search_gpu_fallbacks,
             **metrics,
         )
