@@ -2,15 +2,15 @@
 
 Engine: ONNX Runtime rather than OpenCV's `cv2.FaceDetectorYN`. ONNX Runtime already runs fsw's descriptor
 network (no 60 MB OpenCV wheel to add), runs this model on CUDA where onnxruntime-gpu is installed (PyPI's
-OpenCV wheels have no CUDA), and was faster: 35 against 60 ms a 1024 px event photo on one core (OpenCV
-5.0.0), with the same boxes (all 17 event photos: identical but one box that OpenCV's integer NMS kept).
+OpenCV wheels have no CUDA), and was faster: 35 against 60 ms a 1024 px event photo on one core (YuNet_s,
+OpenCV 5.0.0), with the same boxes (all 17 event photos: identical but one box that OpenCV's integer NMS kept).
 The decoding below is the one OpenCV's FaceDetectorYN does (opencv modules/objdetect/src/face_detect.cpp):
 BGR 0-255 input padded to a multiple of 32; per stride 8, 16, 32 and grid cell, score = sqrt(cls * obj),
 centre = (cell + offset) * stride, size = exp(log-size) * stride; then NMS at IoU 0.3.
 
 Model: YuNet_n with a dynamic input shape (`models/SOURCES.md`), checked against its sha256 when loaded.
-Measured on the event set (docs/accuracy.md, "Face detection"), the "n" variant finds 95.6% of the faces
-40 px or wider and 91.1% of those 20 px or wider, against 93.3% and 88.3% for the smaller "s" (the file
+Measured on the event set (docs/accuracy.md, "Face detection"), the "n" variant at full size finds 95.6% of
+the faces 40 px or wider and 91.1% of those 20 px or wider, against 93.3% and 88.3% for the smaller "s" (the file
 OpenCV documents), at 49 against 33 ms a photo.
 
 Passes. A gallery photo gets a pass on the image scaled to at most `max_side` (small faces: YuNet needs
@@ -40,7 +40,7 @@ MODEL_SHA256 = "104ee26c71d5c270ce79a6b3dced91c91013260d29a6bf18f9296c5b8c4c2b12
 
 # The long side a gallery photo is scaled to, at most, for the small-face pass. YuNet finds 85-90% of faces
 # 20-30 px wide at its input and fewer below (measured: docs/accuracy.md), and costs 60-90 ms a megapixel on
-# one core; at 3072 px a 6000x4000 camera photo keeps a 40 px face at 20 px, for about 0.5 s.
+# one core; at 3072 px a 6000x4000 camera photo keeps a 40 px face at 20 px, for about 0.6 s.
 DEFAULT_MAX_SIDE = 3072
 # The close-up pass, and a selfie's: YuNet's training size, where faces up to the whole frame are found.
 CLOSE_UP_SIDE = 640
