@@ -53,7 +53,7 @@ def _by_size(d: dict[str, Any]) -> list[tuple[int, Any]]:
 def markdown(r: Results, plot: str | None = "../bench/job-latency.png", source: str = "bench/results.json") -> str:
     """The performance page for one run's results; `plot` is the image's path relative to the page."""
     parts = [_header(r, plot, source)]
-    for section in (_jobs, _old_way, _search, _scale, _stages, _build, _memory, _encoder, _targets):
+    for section in (_jobs, _old_way, _search, _scale, _gpu, _stages, _build, _memory, _encoder, _targets):
         text = section(r)
         if text:
             parts.append(text)
@@ -275,6 +275,25 @@ def _scale(r: Results) -> str:
         "load.",
     ]
     return "\n".join(out)
+
+
+def _gpu(r: Results) -> str:
+    """FAISS on a GPU, from `make gpu-check`'s own file (bench/gpu-results.json), which runs on GPU hardware."""
+    path = ROOT / "bench" / "gpu-results.json"
+    if not path.is_file():
+        return ("## FAISS on a GPU\n\n`make gpu-check` (`bench/gpu_check.py`) tests the GPU search and times it "
+                "against the CPU at 1M and 10M faces, into `bench/gpu-results.json`. It has not run on GPU "
+                "hardware yet: no GPU was available where these figures were measured. The GPU path's logic "
+                "(the range search emulated by k-NN, the CPU fallback) is tested on the CPU (`tests/test_gpu.py`).")
+    g = json.loads(path.read_text())
+    rows = [[f"{int(n):,}", _ms(v["gpu"], 2), _ms(v["cpu"], 2), _x(v["cpu_over_gpu"]), v["same_answers"]]
+            for n, v in sorted(g["sizes"].items(), key=lambda kv: int(kv[0]))]
+    meta = g.get("meta", {})
+    return "\n".join(["## FAISS on a GPU", "",
+                      f"`make gpu-check` on {meta.get('gpu')} ({meta.get('date')}, faiss {meta.get('faiss')}); "
+                      f"GPU tests passed: {g.get('tests_passed')}. One query, whole gallery, ms:", "",
+                      _table(["faces", "GPU", "CPU (every core)", "CPU / GPU", "same answers"], rows), "",
+                      "Source: `bench/gpu-results.json`."])
 
 
 def _stages(r: Results) -> str:
