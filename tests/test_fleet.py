@@ -154,6 +154,7 @@ def photo_site(faces_dir: Path) -> Iterator[_Site]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    server.handle_error = lambda *_: None  # type: ignore[method-assign]  # a client that gave up: expected here
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
