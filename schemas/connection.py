@@ -5,7 +5,7 @@ both alike: `REDIS_URL` (redis://, rediss:// for TLS, unix://), or `REDIS_HOST`,
 `REDIS_PASSWORD` (the portal's own variables). These functions live here, in the contracts, because the
 indexer may not import the worker (imports go indexer -> matcher/schemas and worker -> matcher/schemas):
 the variables are a contract with the operator, like the queue names are one with the portal.
-A Redis password is never shown, however it is given (`redis://:pw@host`, `redis://user:pw@host`,
+A Redis password is never shown, however it is given (`redis://:<password>@host`, `redis://user:<password>@host`,
 `redis://host/0?password=pw`, REDIS_PASSWORD): log `redis_display(url)`, never the URL.
 """
 

@@ -1,8 +1,8 @@
 """The Redis password is masked wherever the URL is shown, however it is given.
 
 `redis_display` (the one form that may be logged), `repr(WorkerSettings)` and the SettingsError of an
-unusable URL, for every way an operator can give a password: in the user part (`redis://:pw@host`,
-`redis://user:pw@host`, unescaped characters included), as redis-py's `?password=` query parameter, and
+unusable URL, for every way an operator can give a password: in the user part (`redis://:<password>@host`,
+`redis://user:<password>@host`, unescaped characters included), as redis-py's `?password=` query parameter, and
 as REDIS_PASSWORD. Then a real `fsw-worker run` on a password-protected Redis, given the password as
 `?password=`, and `fsw-worker submit` timing out on the same URL: neither prints the password.
 """
@@ -20,7 +20,7 @@ from testkit.redis_server import RedisServer
 from testkit.worker_process import BIN, start_worker
 from worker.settings import SettingsError, WorkerSettings
 
-PASSWORD = "S3cr3t-pw"
+PASSWORD = "test-S3cr3t-pw"
 
 
 @pytest.mark.parametrize(
