@@ -363,6 +363,5 @@ def test_the_record_shows_the_job_in_hand_while_it_runs(
     after = service.record()
     assert (after.status, after.current_job, after.jobs_processed, after.jobs_failed) == ("online", None, 1, 0)
     assert after.search_p50_ms is not None and after.job_p50_ms is not None
-    assert after.search_p50_ms < after.job_p50_ms  # the search is one step of the job
     assert (after.gallery_version, after.gallery_photos) == (1, 19)
     assert after.gallery_faces == Gallery.open(built_gallery).face_count  # the loaded gallery's own count
