@@ -96,9 +96,15 @@ def _the_run(meta: dict[str, Any]) -> str:
         f"load average {meta.get('load_average_start')} at the start and {meta.get('load_average_end')} at the end",
         f"the run took {meta.get('elapsed_s')} s",
     ]
-    return ("; ".join(sentences) + ". Each figure is the median of several runs after a warm-up, with the p25-p75 "
-            "spread in brackets; methods being compared run in interleaved blocks, so a change in the machine's other "
-            "load weighs on each of them alike.")
+    later = [f"{', '.join(f'`{x}`' for x in run['sections'])} "
+             f"{'comes' if len(run['sections']) == 1 else 'come'} from a later {run['mode']} run of "
+             f"{'that section' if len(run['sections']) == 1 else 'those sections'} alone, on {run['date']} "
+             f"(code at `{run['git_commit']}`, detector "
+             f"{run['encoder_settings'].get('detector')}, load average {run['load_average_start']} at its start)"
+             for run in meta.get("merged", [])]
+    return ("; ".join(sentences) + ". " + "".join(f"{_capital(x)}. " for x in later) + "Each figure is the median of "
+            "several runs after a warm-up, with the p25-p75 spread in brackets; methods being compared run in "
+            "interleaved blocks, so a change in the machine's other load weighs on each of them alike.")
 
 
 def _faces(meta: dict[str, Any]) -> str:
@@ -159,8 +165,15 @@ def _jobs(r: Results) -> str:
     grow = jobs.get("largest_over_smallest", {})
     if grow.get("onnx"):
         sizes = jobs["sizes"]
-        out += ["", f"A job at {sizes[-1]:,} faces costs {grow['onnx']}x what it costs at {sizes[0]:,} through the "
-                f"matcher (`jobs.largest_over_smallest`): most of a job is the selfie's detection and encoding."]
+        text = (f"A job at {sizes[-1]:,} faces costs {grow['onnx']}x what it costs at {sizes[0]:,} through the "
+                f"matcher (`jobs.largest_over_smallest`)")
+        scan = r.get("search", {}).get("sizes", {}).get(str(sizes[-1]), {}).get("fsw")
+        if scan:  # these jobs name no stage: query expansion scans the whole gallery, then the search again
+            text += (f": a job without a stage scans the whole gallery twice (query expansion, then the search; "
+                     f"{scan['median_ms']:.0f} ms a scan at {sizes[-1]:,} faces, `search.sizes`) besides the "
+                     "selfie's detection and encoding. A job with a stage scans only the stage's faces and costs "
+                     "the same at any gallery size (below)")
+        out += ["", text + "."]
     return "\n".join(out)
 
 
@@ -281,6 +294,8 @@ def _gpu(r: Results) -> str:
     """FAISS on a GPU, from `make gpu-check`'s own file (bench/gpu-results.json), which runs on GPU hardware."""
     path = ROOT / "bench" / "gpu-results.json"
     if not path.is_file():
+        if "search" not in r:
+            return ""
         return ("## FAISS on a GPU\n\n`make gpu-check` (`bench/gpu_check.py`) tests the GPU search and times it "
                 "against the CPU at 1M and 10M faces, into `bench/gpu-results.json`. It has not run on GPU "
                 "hardware yet: no GPU was available where these figures were measured. The GPU path's logic "
