@@ -12,8 +12,10 @@ of 1e-7) in a few milliseconds.  This module is the converter:
   ``uint8`` face chips (``(N, 150, 150, 3)``, as returned by ``dlib.get_face_chip``) and returns
   ``(N, 128)`` float32 descriptors; dlib's input normalization is part of the graph;
 * :func:`converted_model_path` converts once and caches the result on disk, keyed by the sha256 of
-  the ``.dat`` file, in the folder the caller names (default ``matcher.defaults.CACHE_DIR``,
-  ``~/.cache/fsw``; the CLI, the worker and ``main`` here read ``$FSW_CACHE_DIR``).
+  the ``.dat`` file, with the sha256 of the model's bytes beside it (``<model>.onnx.sha256``, checked at
+  every load: a model that does not match is converted again, never used), in the folder the caller
+  names (default ``matcher.defaults.CACHE_DIR``, ``~/.cache/fsw``; the CLI, the worker and ``main`` here
+  read ``$FSW_CACHE_DIR``).
 
 Run ``python -m matcher.onnx_convert`` to convert (if needed) and print the cached model's path.
 No converted model is shipped: it is always derived from the installed ``.dat`` file.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import math
 import os
 import pathlib
@@ -43,6 +46,7 @@ __all__ = [
     "DlibNetwork",
     "build_onnx_model",
     "convert",
+    "converted_model_bytes",
     "converted_model_path",
     "default_dat_path",
     "model_sha256",
@@ -722,7 +726,7 @@ def default_dat_path() -> str:
 
 
 _convert_lock = threading.Lock()
-_validated: dict[tuple[str, int, int], str] = {}
+_log = logging.getLogger(__name__)
 
 
 def _resolve_dat(dat_path: str | os.PathLike[str] | None) -> pathlib.Path:
@@ -740,31 +744,34 @@ def _cached_path(sha: str, cache_dir: str | os.PathLike[str] | None) -> pathlib.
     return folder / f"dlib_resnet_{sha[:16]}.onnx"
 
 
-def _model_metadata(path: pathlib.Path) -> dict[str, str] | None:
+def _sidecar(path: pathlib.Path) -> pathlib.Path:
+    """Where the sha256 of the cached model's bytes is recorded at conversion."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _verified_bytes(path: pathlib.Path, sha: str) -> bytes | None:
+    """The cached model's bytes when they are the ones recorded at its conversion (their sha256 in the
+    sidecar) and it converts this .dat with this converter; None when anything differs: convert again.
+
+    The metadata alone is not enough: a model with altered weights and the metadata kept is a valid
+    network that gives wrong descriptors (issue 12). The bytes checked are the bytes the engine loads.
+    """
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # unreadable or partial file: convert again
+        data = path.read_bytes()
+        recorded = _sidecar(path).read_text().strip()
+    except OSError:
         return None
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def _is_current(path: pathlib.Path, sha: str) -> bool:
+    if hashlib.sha256(data).hexdigest() != recorded:
+        if path.exists():
+            _log.warning("cached model %s does not match the hash recorded at its conversion: converting again", path)
+        return None
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        return False
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    if _validated.get(key) == sha:
-        return True
-    meta = _model_metadata(path)
-    ok = (
-        meta is not None
-        and meta.get("fsw_source_sha256") == sha
-        and meta.get("fsw_converter_version") == CONVERTER_VERSION
-    )
-    if ok:
-        _validated[key] = sha
-    return ok
+        meta = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+    except Exception:  # a recorded but unreadable file: convert again
+        return None
+    if meta.get("fsw_source_sha256") != sha or meta.get("fsw_converter_version") != CONVERTER_VERSION:
+        return None
+    return data
 
 
 def convert(dat_path: str | os.PathLike[str] | None = None) -> onnx.ModelProto:
@@ -775,25 +782,39 @@ def convert(dat_path: str | os.PathLike[str] | None = None) -> onnx.ModelProto:
 def converted_model_path(
     dat_path: str | None = None, cache_dir: str | os.PathLike[str] | None = None
 ) -> pathlib.Path:
-    """The cached ONNX conversion of the .dat file, converting it first if needed.
+    """The cached ONNX conversion of the .dat file, converting it first if needed (or if the cached file
+    is not byte for byte what was converted).
 
-    cache_dir: the folder of converted models (None: ``matcher.defaults.CACHE_DIR``).
+    cache_dir: the folder of converted models (None: ``matcher.defaults.CACHE_DIR``). A caller that loads
+    the model should use :func:`converted_model_bytes`: the file could change between check and load.
     """
+    return _converted(dat_path, cache_dir)[0]
+
+
+def converted_model_bytes(
+    dat_path: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> tuple[pathlib.Path, bytes]:
+    """The cached model's path and its bytes, checked against the hash recorded at its conversion."""
+    return _converted(dat_path, cache_dir)
+
+
+def _converted(dat_path: str | None, cache_dir: str | os.PathLike[str] | None) -> tuple[pathlib.Path, bytes]:
     source = _resolve_dat(dat_path)
     sha = model_sha256(str(source))
     target = _cached_path(sha, cache_dir)
     with _convert_lock:
-        if _is_current(target, sha):
-            return target
+        data = _verified_bytes(target, sha)
+        if data is not None:
+            return target, data
         net = parse_dlib_resnet(source)
         if net.sha256 != sha:  # the file changed while we were looking at it
             raise ModelFormatError(f"dlib model file {source} changed during conversion")
-        model = build_onnx_model(net)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        layout.atomic_write(target, model.SerializeToString())
-        st = target.stat()
-        _validated[(str(target), st.st_mtime_ns, st.st_size)] = sha
-    return target
+        data = build_onnx_model(net).SerializeToString()
+        target.parent.mkdir(mode=layout.PRIVATE_FOLDER, parents=True, exist_ok=True)
+        # the model first, then its hash: a crash between the two leaves a mismatch, converted again
+        layout.atomic_write(target, data)  # 0600 (layout.file_mode)
+        layout.atomic_write(_sidecar(target), hashlib.sha256(data).hexdigest() + "\n")
+    return target, data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,9 @@ class OnnxEngine:
     max_batch = ONNX_MAX_BATCH  # chips per ONNX Runtime call; larger batches are split
 
     def __init__(self, threads: int | None = None, device: str = "auto", cache_dir: str | None = None) -> None:
-        self.model_path = onnx_convert.converted_model_path(cache_dir=cache_dir)
-        self._session = make_session(str(self.model_path), threads, device, {"use_tf32": "0"})
+        # the bytes that were checked against the hash recorded at conversion are the bytes loaded
+        self.model_path, model = onnx_convert.converted_model_bytes(cache_dir=cache_dir)
+        self._session = make_session(model, threads, device, {"use_tf32": "0"})
         self._device = session_device(self._session)
         inp = self._session.get_inputs()[0]
         self._input_name = inp.name

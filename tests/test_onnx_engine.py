@@ -271,3 +271,24 @@ def test_cache_is_keyed_by_the_file_hash(tmp_path: Path) -> None:
     second.write_bytes(b"not a model")
     assert converted_model_path(str(copy), cache) == second
     assert onnx.load(str(second)).graph.output[0].name == onnx_convert.OUTPUT_NAME
+
+
+def test_a_tampered_cached_model_is_rebuilt_never_used(tmp_path: Path, real_faces: RealFaces) -> None:
+    """Issue 12: a cached model altered but still valid (the final layer's weights zeroed, its metadata
+    kept) is refused by the hash of its bytes recorded at conversion, and converted again."""
+    cache = tmp_path / "cache"
+    cached = converted_model_path(None, cache)
+    assert cached.stat().st_mode & 0o777 == 0o600  # descriptors' model: its owner's alone
+    model = onnx.load(str(cached))
+    fc = next(t for t in model.graph.initializer if t.name.startswith("fc_w"))
+    fc.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(fc)), fc.name))
+    onnx.save(model, str(cached))  # metadata (source hash, converter version) untouched
+    assert {p.key: p.value for p in onnx.load(str(cached)).metadata_props}["fsw_source_sha256"]
+
+    engine = OnnxEngine(threads=1, device="cpu", cache_dir=str(cache))
+    got = engine.describe(real_faces.chips[:4])
+    assert np.abs(got - real_faces.dlib_descriptors[:4]).max() < 1e-4  # not zeros: the real network
+    rebuilt = onnx.load(str(cached))
+    fc = next(t for t in rebuilt.graph.initializer if t.name.startswith("fc_w"))
+    assert np.any(onnx.numpy_helper.to_array(fc))
+    assert cached.stat().st_mode & 0o777 == 0o600
