@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from indexer.defaults import CHECKPOINT_S
 from indexer.pipeline import Summary, index_photos
 from indexer.progress import ProgressBar
+from indexer.rebuild import rebuild as rebuild_gallery
 from matcher import detectors, layout
 from matcher.defaults import DEFAULT_GALLERY, FORGET_THRESHOLD
 from matcher.encoder import MIN_FACE, Encoder, EncoderSettings, default_detector
@@ -138,6 +139,46 @@ def add(paths: tuple[Path, ...], gallery: Path, jobs: int | None, checkpoint_s: 
     """
     settings = _settings(encoder, recorded=layout.read_manifest(gallery).settings)
     _index(gallery, list(paths), settings, jobs, checkpoint_s, "add", fleet=fleet)
+
+
+@main.command()
+@_gallery_option
+@_encoder_options
+@_fleet_option
+@_errors
+def rebuild(gallery: Path, jobs: int | None, checkpoint_s: float, fleet: bool, **encoder: Any) -> None:
+    """Encode every photo of the gallery again with other settings, as its next version.
+
+    For a gallery built with another detector (e.g. HOG): its photos are encoded again from its photo
+    root into GALLERY/rebuild/ while workers keep serving the current version; then one manifest rename
+    publishes the new one, which workers pick up by themselves. Settings not given take a new build's
+    defaults. Run the same command again after Ctrl-C or a crash to resume. Photos added or removed
+    meanwhile are taken into account, forgotten faces stay forgotten, photos whose file is gone are left
+    out and listed.
+
+    \b
+        fsw-index rebuild --gallery /srv/fsw/gallery --detector yunet
+    """
+    settings = _settings(encoder, recorded=None)
+    line = ProgressBar()
+    try:
+        done = rebuild_gallery(gallery, settings, jobs=jobs, checkpoint_s=checkpoint_s, on_progress=line,
+                           encoding=_fleet_encoding if fleet else lambda: None)
+    finally:
+        line.close()
+    if done.staged is not None:
+        _print_summary(done.staged)
+    for pid in done.missing:
+        click.echo(f"  left out {pid}: its file is gone from the photo root")
+    if done.interrupted:
+        click.echo("interrupted: the gallery serves its current version; run the same command again to resume",
+                   err=True)
+        sys.exit(130)
+    if done.switched:
+        click.echo(f"rebuild: gallery version {done.version} holds the new settings ({settings.detector}); "
+                   "workers pick it up by themselves")
+    else:
+        click.echo(f"rebuild: the gallery at {gallery} already has these settings (version {done.version})")
 
 
 @main.command()

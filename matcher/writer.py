@@ -272,6 +272,19 @@ class GalleryWriter:
         self._delete_unnamed(new)
         return new
 
+    def switch(self, new: layout.Manifest) -> layout.Manifest:
+        """Publish `new`, a whole next version whose files are in the folder already (`indexer.rebuild` links a
+        staged gallery's files in), with one manifest rename; then delete the files no manifest names."""
+        if self.dirty:
+            raise GalleryError(f"the writer of {self.folder} holds uncommitted changes: commit them before a switch")
+        if new.version <= self.manifest.version:
+            raise GalleryError(f"version {new.version} does not follow version {self.manifest.version}")
+        layout.write_manifest(self.folder, new)
+        self.manifest = new
+        self.known = self._read_known()
+        self._delete_unnamed(new)
+        return new
+
     def _write(self, m: layout.Manifest, final: bool) -> layout.Manifest:
         """Write the files of the next version and its manifest; returns the manifest."""
         new = replace(m, written_at=time.time(), command=self.command, format=layout.FORMAT)
