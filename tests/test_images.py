@@ -59,3 +59,18 @@ def test_missing_file_is_unreadable(tmp_path):
 def test_photo_suffixes_in_any_case():
     assert all(is_photo(n) for n in ("a.jpg", "b.JPEG", "c.Png", "d.webp"))
     assert not any(is_photo(n) for n in ("a.gif", "b.txt", "jpg"))
+
+
+def test_pillows_pixel_guard_is_left_as_it_is_for_the_process():
+    """Issue 12: the limit is checked per call from the header (the caller's `max_pixels`); importing fsw does
+    not switch off Pillow's own guard for everything else in the process."""
+    import subprocess
+    import sys
+
+    code = "import PIL.Image as I; d = I.MAX_IMAGE_PIXELS; import matcher.query; print(I.MAX_IMAGE_PIXELS == d)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
+    with pytest.raises(ImageError, match="image too large: 60000x60000 pixels, over the limit of 64,000,000"):
+        load_image(png_bomb(), max_pixels=64_000_000)  # over Pillow's own bomb limit too: ours is the reason
+    with pytest.raises(ImageError, match="image too large: 2000x2000 pixels, over the limit of 3,999,999"):
+        load_image(png_bomb(2000, 2000), max_pixels=3_999_999)
