@@ -48,7 +48,7 @@ class Rebuilt:
     version: int  # the gallery's version now (the old one when nothing was switched)
     switched: bool = False
     interrupted: bool = False
-    staged: Summary | None = None  # the last staging build's summary
+    staged: Summary | None = None  # the last staging build's summary; after the switch, as the gallery's
     missing: list[str] = field(default_factory=list)  # live photo ids whose file is gone: not in the new version
     rounds: int = 0
 
@@ -103,6 +103,8 @@ def rebuild(
         # next writer empties it, under the new settings. A reader that read the manifest before the switch
         # and opens it only now fails once, and loads the new version (workers poll the manifest).
         GalleryWriter(folder, {}, command=COMMAND).close()
+        out.staged = replace(out.staged, gallery=str(folder), version=out.version)  # the summary, as the gallery's
+        layout.atomic_write(folder / layout.SUMMARY_NAME, out.staged.to_json())
         _clear_staging(staging, wanted)
         return out
     raise GalleryError(
