@@ -87,6 +87,9 @@ def rebuild(
             live = _live(writer)
         present = sorted(pid for pid in live if (root / pid).is_file())
         out.missing = sorted(set(live) - set(present))
+        if not present:
+            raise GalleryError(f"none of the {len(live)} photos of the gallery at {folder} is under its photo root "
+                               f"{root} any more: there is nothing to encode again")
         _prune(staging, wanted, set(present))
         out.staged = index_photos(staging, [root / pid for pid in present], settings, photo_root=root, jobs=jobs,
                                   command="rebuild", checkpoint_s=checkpoint_s, on_progress=on_progress,

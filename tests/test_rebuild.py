@@ -169,6 +169,9 @@ def test_a_rebuild_killed_midway_leaves_the_old_version_serving_and_resumes(gall
     assert 0 < staged.photos < len(ids)  # it died midway, with photos committed to the staging gallery
     assert layout.read_manifest(gallery) == before and live_ids(gallery) == ids  # the old version serves
 
+    other = CliRunner().invoke(fsw_index, ["rebuild", "-g", str(gallery), "--detector", "yunet", "--min-face", "30"])
+    assert other.exit_code == 1 and "unfinished rebuild with other settings" in other.output  # never mixed
+
     result = CliRunner().invoke(fsw_index, ["rebuild", "--gallery", str(gallery), "--detector", "yunet", "-j", "1"])
     assert result.exit_code == 0, result.output
     assert f"{staged.photos} already indexed" in result.output  # resumed: those were not encoded again
