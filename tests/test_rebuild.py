@@ -201,3 +201,30 @@ def test_a_worker_serves_during_the_rebuild_and_picks_up_the_new_version(
         assert after.photo_ids and set(after.photo_ids) <= photo_tree.photos_of("obama")
     finally:
         worker.stop()
+
+
+def test_a_rebuild_that_dies_at_the_switch_leaves_a_readable_gallery_and_the_same_command_finishes(
+    gallery: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before, ids = layout.read_manifest(gallery), live_ids(gallery)
+
+    def die(*_: object) -> None:
+        raise SystemExit("killed")
+
+    with monkeypatch.context() as m:  # dies after linking the staged files in, before the manifest names them
+        m.setattr(GalleryWriter, "switch", die)
+        with pytest.raises(SystemExit):
+            rebuild(gallery, YUNET, jobs=1)
+    assert list(gallery.glob("gallery-v*-0.h5"))  # linked in, named by no manifest
+    assert layout.read_manifest(gallery) == before and live_ids(gallery) == ids
+    with monkeypatch.context() as m:  # dies after the switch, before the staging folder is deleted
+        m.setattr("indexer.rebuild._clear_staging", die)
+        with pytest.raises(SystemExit):
+            rebuild(gallery, YUNET, jobs=1)
+    switched = layout.read_manifest(gallery)
+    assert switched.settings == YUNET.recorded() and live_ids(gallery) == ids and (gallery / STAGING).exists()
+
+    done = rebuild(gallery, YUNET, jobs=1)
+    assert not done.switched and done.version == switched.version and not (gallery / STAGING).exists()
+    verified = CliRunner().invoke(fsw_index, ["verify", "--gallery", str(gallery)])
+    assert verified.exit_code == 0, verified.output
