@@ -21,6 +21,7 @@ from indexer.defaults import CHECKPOINT_S
 from indexer.pipeline import Summary, index_photos
 from indexer.progress import ProgressBar
 from indexer.rebuild import rebuild as rebuild_gallery
+from indexer.rebuild import staging_folder
 from matcher import detectors, layout
 from matcher.defaults import DEFAULT_GALLERY, FORGET_THRESHOLD
 from matcher.encoder import MIN_FACE, Encoder, EncoderSettings, default_detector
@@ -286,6 +287,11 @@ def info(gallery: Path, as_json: bool) -> None:
         "forgotten": len(g.forgotten),
         "faces_hidden": int((g.face_hidden & g.face_live).sum()),
     }
+    staging = staging_folder(gallery)
+    if layout.is_gallery(staging):  # a rebuild under way, or stopped: how far it got
+        staged = layout.read_manifest(staging)
+        out["rebuild"] = {"folder": str(staging), "version": staged.version, "photos": staged.photos,
+                          "settings": staged.settings}
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -295,6 +301,10 @@ def info(gallery: Path, as_json: bool) -> None:
     if g.forgotten:
         click.echo(f"forgotten: {out['forgotten']} (`fsw-index forget --list`), hiding {out['faces_hidden']} faces")
     click.echo("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(g.settings.items())))
+    if "rebuild" in out:
+        click.echo(f"rebuild staged in {staging}: {out['rebuild']['photos']} photos encoded with "
+                   f"detector={out['rebuild']['settings'].get('detector')}; `fsw-index rebuild` with its settings "
+                   "resumes it")
     click.echo("stages:")
     for stage, n in sorted(stats.stages.items()):
         click.echo(f"  {stage or '(root)'}: {n} photos")

@@ -169,6 +169,9 @@ def test_a_rebuild_killed_midway_leaves_the_old_version_serving_and_resumes(gall
     assert 0 < staged.photos < len(ids)  # it died midway, with photos committed to the staging gallery
     assert layout.read_manifest(gallery) == before and live_ids(gallery) == ids  # the old version serves
 
+    shown = CliRunner().invoke(fsw_index, ["info", "--gallery", str(gallery)])
+    assert f"rebuild staged in {gallery / STAGING}: {staged.photos} photos" in shown.output
+
     other = CliRunner().invoke(fsw_index, ["rebuild", "-g", str(gallery), "--detector", "yunet", "--min-face", "30"])
     assert other.exit_code == 1 and "unfinished rebuild with other settings" in other.output  # never mixed
 
