@@ -26,7 +26,7 @@ from typing import Protocol
 from indexer.defaults import JOBS, TASKS_PER_JOB
 from matcher.encoder import Encoder, EncoderSettings, cores
 from matcher.errors import FswError, ImageError
-from matcher.images import load_image
+from matcher.images import load_scaled
 from matcher.writer import GalleryWriter, PendingPhoto
 
 
@@ -121,8 +121,9 @@ def _init(settings: EncoderSettings) -> None:
 def _encode(task: Task) -> Encoded:
     assert _encoder is not None
     try:
-        image = load_image(task.path)
-        faces, too_small = _encoder.photo_faces(image)
+        # decoded no larger than the detector's largest pass needs: a 64 MP photo held 1 GB per process
+        image, scale = load_scaled(task.path, max_side=_encoder.settings.max_side)
+        faces, too_small = _encoder.photo_faces(image, scale)
     except ImageError as e:
         return Encoded(task, error=str(e))
     except Exception as e:  # an encoder failure on one photo must not stop the build

@@ -11,7 +11,7 @@ landmarks, say) changes the descriptor. Descriptors are float32, never normalise
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import dlib
@@ -136,12 +136,18 @@ class Encoder:
         """Every face in a photo at least `min_face` pixels wide, with the gallery settings."""
         return self.photo_faces(image)[0]
 
-    def photo_faces(self, image: np.ndarray) -> tuple[list[Face], int]:
+    def photo_faces(self, image: np.ndarray, scale: float = 1.0) -> tuple[list[Face], int]:
         """A gallery photo's faces at least `min_face` pixels wide, encoded, and how many narrower ones
-        were found and left out (a build counts them)."""
+        were found and left out (a build counts them).
+
+        scale: the image's pixels per original pixel, for a photo decoded smaller than it is
+        (`matcher.images.load_scaled`): widths and boxes are the original photo's."""
         rects = self.detector.photo(image)
-        keep = [r for r in rects if r.right() - r.left() >= self.settings.min_face]
-        return self.describe(image, keep, self.settings.jitters), len(rects) - len(keep)
+        keep = [r for r in rects if (r.right() - r.left()) / scale >= self.settings.min_face]
+        faces = self.describe(image, keep, self.settings.jitters)
+        if scale != 1.0:
+            faces = [replace(f, box=tuple(round(v / scale) for v in f.box)) for f in faces]  # type: ignore[arg-type]
+        return faces, len(rects) - len(keep)
 
     def find_selfie(self, image: np.ndarray) -> dlib.rectangle:
         """The selfie's face: the detector's selfie passes (HOG: at `selfie_max_side`, retried with more

@@ -12,8 +12,9 @@ names are the keys of the job contract's `schemas.PROGRESS`), from the thread th
 The query descriptor, with the default settings:
 - the selfie's face is found at `selfie_max_side` and encoded with `selfie_jitters`;
 - `selfie_mirror`: the same face in the left-right mirrored selfie (same box, mirrored; landmarks fitted
-  again) is encoded too, in the same engine call, and the two descriptors are averaged. A deterministic
-  test-time augmentation: the same selfie always gives the same descriptor, unlike random jitter;
+  again; only the face's surroundings are mirrored, not the whole selfie) is encoded too, in the same
+  engine call, and the two descriptors are averaged. A deterministic test-time augmentation: the same
+  selfie always gives the same descriptor, unlike random jitter;
 - `selfie_expansion`: the descriptor is refined with the faces of the job's stage (the whole gallery
   without one) it matched with high confidence (`matcher.expansion`), and the search runs with the
   refined descriptor.
@@ -34,7 +35,7 @@ from matcher.encoder import Encoder, trim_box
 from matcher.errors import ImageError
 from matcher.expansion import expand_query
 from matcher.gallery import Gallery
-from matcher.images import load_image
+from matcher.images import load_scaled
 from matcher.search import Match
 
 Stage = Literal["decoded", "face_found", "encoded", "searched"]
@@ -46,10 +47,16 @@ Selfie = bytes | str | os.PathLike[str] | np.ndarray
 SelfieSource = Selfie | Callable[[], bytes]
 
 
-def load_selfie(selfie: Selfie) -> np.ndarray:
-    """The selfie as an upright RGB array, within the selfie's limits; ImageError with the reason if not."""
-    image = selfie if isinstance(selfie, np.ndarray) else load_image(selfie, max_pixels=SELFIE_MAX_PIXELS)
-    height, width = image.shape[:2]
+def load_selfie(selfie: Selfie, max_side: int | None = None) -> np.ndarray:
+    """The selfie as an upright RGB array, within the selfie's limits; ImageError with the reason if not.
+
+    max_side: decode no larger than needed for a detection pass at that size (`load_scaled`): the face's
+    chip is 150 px, and a 40 MP selfie decoded whole held 120 MB per copy. None: full size."""
+    if isinstance(selfie, np.ndarray):
+        image, scale = selfie, 1.0
+    else:
+        image, scale = load_scaled(selfie, SELFIE_MAX_PIXELS, max_side)
+    height, width = (round(side / scale) for side in image.shape[:2])  # the selfie's own size
     if min(height, width) < MIN_SELFIE_SIDE:
         raise ImageError(
             f"image too small: {width}x{height} pixels: send a selfie at least {MIN_SELFIE_SIDE} pixels "
@@ -61,16 +68,14 @@ def load_selfie(selfie: Selfie) -> np.ndarray:
 def selfie_descriptor(encoder: Encoder, selfie: Selfie, on_progress: OnProgress | None = None) -> np.ndarray:
     """The query descriptor of the selfie's face (float32[128]). Raises ImageError or NoFaceError."""
     report = on_progress or _quiet
-    image = load_selfie(selfie)
+    settings = encoder.settings
+    image = load_selfie(selfie, max(settings.max_side, settings.selfie_max_side))  # its largest detection pass
     report("decoded")
     box = encoder.find_selfie(image)
     report("face_found")
     chips = encoder.chips(image, [box])
-    if encoder.settings.selfie_mirror:
-        height, width = image.shape[:2]
-        top, right, bottom, left = trim_box(box, width, height)
-        mirrored = dlib.rectangle(width - 1 - right, top, width - 1 - left, bottom)
-        chips += encoder.chips(np.ascontiguousarray(image[:, ::-1]), [mirrored])
+    if settings.selfie_mirror:
+        chips += encoder.chips(*_mirrored_face(image, box))
     # one engine call for both views: a selfie's encoding runs, or falls back to the CPU, as one
     descriptors = np.asarray(encoder.engine.describe(chips, encoder.settings.selfie_jitters), dtype=np.float32)
     if len(descriptors) == 1:
@@ -79,6 +84,21 @@ def selfie_descriptor(encoder: Encoder, selfie: Selfie, on_progress: OnProgress 
         descriptor = ((descriptors[0].astype(np.float64) + descriptors[1]) / 2).astype(np.float32)
     report("encoded")
     return descriptor
+
+
+def _mirrored_face(image: np.ndarray, box: dlib.rectangle) -> tuple[np.ndarray, list[dlib.rectangle]]:
+    """The face's surroundings mirrored left-right, and the face's box in them: what the mirror view's chip
+    is cut from. Only the surroundings are copied, not the whole selfie; they reach one face size beyond
+    the box on each side, more than the chip (the face and a quarter of its size around it, turned with
+    the face) and the landmark model read, so the chip is the one the whole mirrored selfie gives."""
+    height, width = image.shape[:2]
+    top, right, bottom, left = trim_box(box, width, height)
+    margin = max(bottom - top, right - left)
+    y0, y1 = max(0, top - margin), min(height, bottom + margin)
+    x0, x1 = max(0, left - margin), min(width, right + margin)
+    region = np.ascontiguousarray(image[y0:y1, x0:x1][:, ::-1])
+    last = x1 - x0 - 1
+    return region, [dlib.rectangle(last - (right - x0), top - y0, last - (left - x0), bottom - y0)]
 
 
 def search_descriptor(

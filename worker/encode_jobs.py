@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from matcher.encoder import EncoderSettings
 from matcher.errors import ImageError
-from matcher.images import load_image
+from matcher.images import load_scaled
 from matcher.writer import PendingPhoto
 from schemas.encode import (
     REFUSED,
@@ -139,7 +139,9 @@ class EncodeJobs:
                 f"the copy at {source.describe()} differs from the indexer's (sha256 {sha256[:12]}, indexer "
                 f"{photo.sha256[:12]}): does FSW_PHOTOS name the same photo tree?"))
         try:
-            faces, too_small = self.encoders.get(request.settings).photo_faces(load_image(data))
+            encoder = self.encoders.get(request.settings)
+            image, scale = load_scaled(data, max_side=encoder.settings.max_side)  # as `fsw-index build` decodes
+            faces, too_small = encoder.photo_faces(image, scale)
         except ImageError as e:
             return EncodedPhoto(id=photo.id, sha256=sha256, size=len(data), skipped=str(e))
         except Exception as e:  # an encoder failure on one photo must not fail the batch
