@@ -79,6 +79,9 @@ def rebuild(
         _clear_staging(staging, wanted)  # a rebuild killed after its switch left it
         return Rebuilt(str(folder), m.version)
     _check_staging(staging, wanted)
+    if not m.photo_root:
+        raise GalleryError(f"the gallery at {folder} records no photo root, so its photos cannot be found to encode "
+                           "again: build a new gallery from the photos instead")
     root = Path(m.photo_root)
     out = Rebuilt(str(folder), m.version)
     for _ in range(rounds):
