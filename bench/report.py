@@ -274,7 +274,8 @@ def _scale(r: Results) -> str:
         + (f", {_x(sc.get('search_over_floor'))} the floor of {sc['floor_ms']} ms." if sc.get("floor_ms") else "."),
         f"- Writing it (`scale.write_s`): the row files {w.get('rows', '-')} s, then the final commit, which builds "
         f"the FAISS index from the rows, {w.get('index', '-')} s"
-        f"{'' if w.get('this_run', True) else ' (recorded by the run that wrote the cached gallery)'}.",
+        f"{'' if w.get('this_run', True) else ' (recorded by the run that wrote the cached gallery'}"
+        f"{'' if w.get('this_run', True) else (', ' + w['run'] + ')' if w.get('run') else ')')}.",
         f"- Opening it (`scale.open_s`): {', '.join(f'{s} s' for s in sc['open_s'])} (first, then again).",
         f"- A process that opened it and searched once (`scale.memory`): RSS {m['rss_after_open'] / 2**30:.2f} GiB, "
         f"{sc['bytes_per_face']} bytes a face; of it, {m['mapped_descriptor_bytes'] / 2**30:.2f} GiB are the mapped "
