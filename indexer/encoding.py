@@ -26,6 +26,7 @@ from typing import Protocol
 from indexer.defaults import JOBS, TASKS_PER_JOB
 from matcher.encoder import Encoder, EncoderSettings, cores
 from matcher.errors import FswError, ImageError
+from matcher.files import open_photo
 from matcher.images import load_scaled
 from matcher.writer import GalleryWriter, PendingPhoto
 
@@ -122,7 +123,8 @@ def _encode(task: Task) -> Encoded:
     assert _encoder is not None
     try:
         # decoded no larger than the detector's largest pass needs: a 64 MP photo held 1 GB per process
-        image, scale = load_scaled(task.path, max_side=_encoder.settings.max_side)
+        with open_photo(task.path, None) as f:  # in the tree (checked by the scan), and a regular file still
+            image, scale = load_scaled(f, max_side=_encoder.settings.max_side)
         faces, too_small = _encoder.photo_faces(image, scale)
     except ImageError as e:
         return Encoded(task, error=str(e))

@@ -12,6 +12,7 @@ written: the last committed version stands.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -22,9 +23,11 @@ from typing import Any
 
 from indexer.defaults import CHECKPOINT_S
 from indexer.encoding import Encoded, Encoding, LocalEncoding, Task
-from indexer.scan import ScanError, find_photos, photo_id
+from indexer.scan import ScanError, photo_id, scan_photos
 from matcher import layout
 from matcher.encoder import EncoderSettings
+from matcher.errors import ImageError
+from matcher.files import open_photo
 from matcher.writer import GalleryWriter
 
 
@@ -103,12 +106,15 @@ def index_photos(
                 f"gallery at {gallery} indexes photos under {root}, not {photo_root.resolve()}: "
                 "use `fsw-index add` for photos below that root, or another --gallery"
             )
-        files = find_photos(paths)
+        scan = scan_photos(paths, root)
+        files = scan.photos
         if not files:
             where = ", ".join(str(p) for p in paths)
             raise ScanError(f"no photos (jpg, jpeg, png, webp) under {where}")
         summary = Summary(command=command, gallery=str(gallery), photos_found=len(files))
         progress = Progress(total=len(files))
+        for path, reason in scan.skipped:  # outside the tree, not a regular file: never read
+            summary.skipped.append({"path": _shown(path, root), "reason": reason})
         tasks = _tasks(files, root, writer, summary, progress)
         try:
             _record_all(tasks, settings, encoding, writer, summary, progress, checkpoint_s, on_progress)
@@ -153,7 +159,11 @@ def _tasks(
         queued: dict[str, str] = {}
         for path, pid, st in todo:
             try:
-                sha = layout.file_sha256(path)
+                with open_photo(path, root) as f:  # a regular file in the tree, or nothing is read
+                    sha = hashlib.file_digest(f, "sha256").hexdigest()
+            except ImageError as e:  # the file was changed since the scan
+                _skip(summary, progress, pid, str(e))
+                continue
             except OSError as e:
                 _skip(summary, progress, pid, f"cannot read file: {e.strerror}")
                 continue
@@ -169,6 +179,14 @@ def _tasks(
             yield Task(path, pid, sha, st.st_size, st.st_mtime)
 
     return generate()
+
+
+def _shown(path: Path, root: Path) -> str:
+    """A skipped path as the summary shows it: its id when it has one."""
+    try:
+        return photo_id(path, root)
+    except ScanError:
+        return str(path)
 
 
 def _skip(summary: Summary, progress: Progress, pid: str, reason: str) -> None:

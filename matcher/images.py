@@ -20,6 +20,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -48,7 +49,7 @@ def load_image(source: str | os.PathLike[str] | bytes, max_pixels: int = PHOTO_M
 
 
 def load_scaled(
-    source: str | os.PathLike[str] | bytes, max_pixels: int = PHOTO_MAX_PIXELS, max_side: int | None = None
+    source: str | os.PathLike[str] | bytes | BinaryIO, max_pixels: int = PHOTO_MAX_PIXELS, max_side: int | None = None
 ) -> tuple[np.ndarray, float]:
     """`load_image`, decoded no smaller than `max_side` on its long side but no larger than the format
     allows cheaply (None: full size); and the scale, the array's pixels per original pixel (1.0: full
@@ -56,7 +57,11 @@ def load_scaled(
     if isinstance(source, bytes | bytearray):
         if not source:
             raise ImageError("empty file (0 bytes)")
-        stream: io.BytesIO | Path = io.BytesIO(source)
+        stream: BinaryIO | Path = io.BytesIO(source)
+    elif isinstance(source, io.IOBase):  # a file opened by the caller (`matcher.files.open_photo`)
+        if os.fstat(source.fileno()).st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+        stream = source  # type: ignore[assignment]
     else:
         stream = Path(source)
         try:
@@ -106,12 +111,18 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise ImageError(f"image too large: {width}x{height} pixels, over the limit of {max_pixels:,}")
 
 
-def _declared_size(source: str | os.PathLike[str] | bytes, stream: io.BytesIO | Path) -> tuple[int, int] | None:
+def _declared_size(source: object, stream: BinaryIO | Path) -> tuple[int, int] | None:
     """The dimensions the header declares, read by Pillow's format plugin without `Image.open`'s process-wide
     guard (for the message: the size a person can act on)."""
-    data = source if isinstance(source, bytes | bytearray) else None
     try:
-        with (io.BytesIO(data) if data is not None else open(stream, "rb")) as fp:  # type: ignore[arg-type]
+        if isinstance(source, bytes | bytearray):
+            opened: BinaryIO = io.BytesIO(source)
+        elif isinstance(stream, Path):
+            opened = open(stream, "rb")  # noqa: SIM115 - closed by the `with` below
+        else:
+            opened = os.fdopen(os.dup(stream.fileno()), "rb")  # the caller's file stays open
+        with opened as fp:
+            fp.seek(0)
             prefix = fp.read(16)
             for name in _FORMATS:
                 factory, accept = Image.OPEN.get(name, (None, None))

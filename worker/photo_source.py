@@ -19,6 +19,8 @@ from typing import Protocol
 from urllib.error import HTTPError, URLError
 from urllib.parse import quote, urlsplit
 
+from matcher.errors import ImageError
+from matcher.files import open_photo
 from worker.defaults import FETCH_TIMEOUT_S, MAX_PHOTO_BYTES
 
 _CHUNK = 1 << 20
@@ -56,11 +58,15 @@ class FolderSource:
     def read(self, photo_id: str) -> bytes:
         path = self.root / photo_id  # the job's ids are checked to stay inside the tree (schemas.encode)
         try:
-            with open(path, "rb") as f:
+            # a regular file whose real path is in the tree, as `fsw-index build` reads it: no link out of
+            # the tree, no FIFO or device that blocks or never ends
+            with open_photo(path, self.root) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size > self.max_bytes:
                     raise PhotoUnavailable(_too_large(size, self.max_bytes))
                 return f.read()
+        except ImageError as e:
+            raise PhotoUnavailable(str(e)) from None
         except OSError as e:
             raise PhotoUnavailable(f"cannot read file: {e.strerror or e}") from None
 
