@@ -50,3 +50,26 @@ def test_a_40_mp_selfie_adds_a_bounded_peak_rss(faces_dir: Path, tmp_path: Path)
     assert child.returncode == 0
     added_mib = (usage.ru_maxrss - warm_kib) / 1024
     assert added_mib < BOUND_MIB, f"a 40 MP selfie added {added_mib:.0f} MiB of peak RSS"
+
+
+def test_a_large_build_photo_decoded_smaller_keeps_boxes_in_original_pixels(faces_dir: Path, tmp_path: Path) -> None:
+    """A gallery photo larger than the detector's `max_side` is decoded at 1/2, 1/4 or 1/8 (JPEG draft): its
+    faces' boxes are still the photo's own pixels, and their descriptors the full decode's, within noise."""
+    import numpy as np
+
+    from matcher.encoder import Encoder
+    from matcher.images import load_image, load_scaled
+
+    photo = Image.open(faces_dir / "gallery" / "g01.jpg").convert("RGB")  # 1280 x 799, several faces
+    big = photo.resize((photo.width * 5, photo.height * 5), Image.Resampling.BICUBIC)
+    big.save(tmp_path / "big.jpg", quality=92)
+    encoder = Encoder()
+    image, scale = load_scaled(tmp_path / "big.jpg", max_side=encoder.settings.max_side)
+    assert scale < 1.0 and max(image.shape[:2]) >= encoder.settings.max_side
+    reduced, _ = encoder.photo_faces(image, scale)
+    full, _ = encoder.photo_faces(load_image(tmp_path / "big.jpg"))
+    assert len(reduced) == len(full) > 0
+    for a, b in zip(sorted(reduced, key=lambda f: f.box), sorted(full, key=lambda f: f.box), strict=True):
+        width = b.box[1] - b.box[3]
+        assert max(abs(x - y) for x, y in zip(a.box, b.box, strict=True)) <= max(4, width * 0.05), (a.box, b.box)
+        assert np.linalg.norm(a.descriptor - b.descriptor) < 0.05
