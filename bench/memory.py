@@ -43,6 +43,36 @@ def measure(galleries: dict[int, Path]) -> dict[str, object]:
     return out
 
 
+def per_image(workdir: Path) -> dict[str, Any]:
+    """Peak RSS that one large image adds to a process: a job's 40 MP selfie (the largest a job may send) in
+    a worker, and a 64 MP photo (the build's pixel limit) in an encoder process (one per core). Each in a
+    fresh process that first ran a small image, so that models and buffers are counted in neither."""
+    from PIL import Image
+
+    from testkit.photos import FACES
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    face = Image.open(FACES / "queries" / "q01.jpg").convert("RGB")
+    face.save(workdir / "small.jpg", quality=90)
+    out: dict[str, Any] = {}
+    for kind, (width, height) in (("selfie", (7680, 5200)), ("photo", (9792, 6528))):
+        large = workdir / f"{kind}-{width}x{height}.jpg"
+        canvas = Image.new("RGB", (width, height), (90, 110, 130))
+        canvas.paste(face.resize((height // 2, height // 2)), (width // 4, height // 4))
+        canvas.save(large, quality=90)
+        del canvas
+        p = subprocess.run([*PROBE, f"--{kind}", str(workdir / "small.jpg"), str(large)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=1200, check=True)
+        got = json.loads(p.stdout.strip().splitlines()[-1])
+        out[kind] = {
+            "megapixels": round(width * height / 1e6, 1),
+            "peak_rss_mb": round(got["peak_rss"] / 2**20, 1),
+            "added_peak_rss_mb": round((got["peak_rss"] - got["peak_rss_warm"]) / 2**20, 1),
+        }
+        large.unlink()
+    return out
+
+
 def sharing(gallery: Path, counts: tuple[int, ...] = (1, 4)) -> dict[str, Any]:
     """N processes that each open the gallery as a worker does and search it once, all alive at once:
     their RSS and PSS summed (PSS divides each shared page among the processes that map it, so the sum

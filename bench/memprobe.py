@@ -1,9 +1,13 @@
 """Run in a subprocess: open a gallery as a worker does, search it once, and print its memory, as JSON.
 
     python -m bench.memprobe GALLERY [--hold]
+    python -m bench.memprobe --selfie SMALL LARGE     (a job's selfie path: `matcher.query.selfie_descriptor`)
+    python -m bench.memprobe --photo SMALL LARGE      (an encoder process's photo: as `fsw-index build` encodes)
 
 With --hold the process then waits until its stdin closes, so that the parent can measure several such
-processes at once (`bench.memory.sharing`): what N workers on one machine cost together.
+processes at once (`bench.memory.sharing`): what N workers on one machine cost together. --selfie and
+--photo run the small image first (models loaded, buffers warm), print the peak RSS, then the large one,
+and print the peak again: the large image's own cost is the difference (`bench.memory.per_image`).
 """
 
 from __future__ import annotations
@@ -67,5 +71,34 @@ def _high_water_mark() -> int:
     return 0
 
 
+def per_image(kind: str, small: str, large: str) -> None:
+    """Peak RSS after a small image, then after a large one, through the selfie or the build photo path."""
+    from matcher.encoder import Encoder, EncoderSettings
+    from matcher.query import selfie_descriptor
+
+    if kind == "--selfie":
+        encoder = Encoder()
+
+        def run(path: str) -> None:
+            selfie_descriptor(encoder, Path(path).read_bytes())
+    else:
+        from indexer import encoding
+        from indexer.encoding import Task
+
+        encoding._init(EncoderSettings(threads=1))
+
+        def run(path: str) -> None:
+            result = encoding._encode(Task(Path(path), Path(path).name, "", 0, 0.0))
+            assert result.error is None, result.error
+
+    run(small)
+    warm = _high_water_mark()
+    run(large)
+    print(json.dumps({"peak_rss_warm": warm, "peak_rss": _high_water_mark()}), flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], "--hold" in sys.argv[2:])
+    if sys.argv[1] in ("--selfie", "--photo"):
+        per_image(*sys.argv[1:4])
+    else:
+        main(sys.argv[1], "--hold" in sys.argv[2:])

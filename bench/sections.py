@@ -140,6 +140,9 @@ def memory(ctx: Context) -> dict[str, Any]:
     out = memory_mod.measure(galleries)
     out["sharing"] = memory_mod.sharing(galleries[max(sizes)])
     log(f"  {max(sizes):,} faces: PSS of 4 processes / 1: {out['sharing']['pss_4_over_1']}")
+    out["per_image"] = memory_mod.per_image(ctx.galleries.empty().parent / "memory-images")
+    log(f"  a 40 MP selfie adds {out['per_image']['selfie']['added_peak_rss_mb']} MiB to a job's peak RSS, a 64 MP "
+        f"photo {out['per_image']['photo']['added_peak_rss_mb']} MiB to an encoder process's")
     return out
 
 
