@@ -209,13 +209,14 @@ def measure_add(bases: tuple[int, ...], new_photos: int, repeats: int, tree: Pat
 
 
 def dev_gallery_tree(n: int) -> Path:
-    """The first `n` dev gallery photos as they are (a folder of links), for the engine comparison."""
-    root = CACHE / f"dev-gallery-{n}"
+    """The first `n` dev gallery photos as they are (copies: a build skips links that leave the photo tree),
+    for the engine comparison."""
+    root = CACHE / f"dev-gallery-copies-{n}"
     if not root.is_dir():
         tmp = CACHE / f".tmp-dev-{os.getpid()}-{n}"
         tmp.mkdir(parents=True, exist_ok=True)
         for item in gallery_photos()[:n]:
-            os.symlink(item.path, tmp / Path(item.file).name)
+            shutil.copy(item.path, tmp / Path(item.file).name)
         try:
             os.rename(tmp, root)
         except OSError:
