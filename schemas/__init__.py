@@ -3,7 +3,8 @@
 Modules: `job` (`FaceSearchJob`, a job's data, and `parse_job`; `SearchResult` of `MatchEntry`, its return
 value, written by `dump_result`), `heartbeat` (`Heartbeat`, a worker's record in the `workers` hash, and
 the pause key), `connection` (how every fsw process reads the Redis settings from the environment),
-`forget` (the portal's `forget-face` job, its result, and the `forgotten_faces` hash).
+`forget` (the portal's `forget-face` job, its result, and the `forgotten_faces` hash), `encode` (the
+encode job of `fsw-index build --fleet` on queue `fsw-encode`, and its result).
 `fsw-worker schema` prints `json_schemas()`; docs/worker.md describes them. This package imports nothing
 of the project.
 """

@@ -9,6 +9,8 @@
                    (`gated_engines` in this process; `python -m testkit.gated_worker` for a worker process)
     jobs           portal jobs for selfie files (`selfie_job`), added and waited for with `worker.submit`
                    (`run_jobs`)
+    fleet          encoding fsw-workers for fleet builds (`start_encoder`, gated; `python -m testkit.fleet`)
+                   and a fleet gallery compared with a local one
 
 tests/conftest.py turns these into fixtures; `bench/` uses the Redis server, the worker process and
 the job submission.
