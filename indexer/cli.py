@@ -473,12 +473,12 @@ def eval_(labels: Path, gallery: Path | None, out: Path, threshold: float, selfi
 def eval_detection(boxes: Path, configs: tuple[str, ...], threads: int, out: Path | None) -> None:
     """Measure face detection on annotated photos: recall by face width, false faces, ms a photo.
 
-    BOXES is a CSV of face boxes (file,left,top,width,height,...,invalid: WIDER FACE's, as
-    ../shared/events/boxes.csv), its images in images/ beside it; they are read in place. Prints a
+    BOXES is a CSV of face boxes (file,left,top,width,height,...,invalid, as WIDER FACE annotations
+    convert to), its images in images/ beside it; they are read in place. Prints a
     Markdown table; see docs/accuracy.md, "Face detection".
 
     \b
-        fsw-index eval-detection ../shared/events/boxes.csv --detector yunet --detector hog:upsample=2
+        fsw-index eval-detection /data/events/boxes.csv --detector yunet --detector hog:upsample=2
     """
     from indexer.detection_eval import evaluate_detection, parse_config
 
