@@ -50,7 +50,7 @@ def redis_display(url: str) -> str:
     """The Redis URL with any password masked: the only form that may be logged.
 
     Masked: all before the last `@` but a user name (`redis://:***@host`, `redis://user:***@host`; a lone
-    `redis://***@host`, which may be a password), and password-like query parameters (`?password=***`).
+    `redis://***@host`, which may be a password), and the values of password-like query parameters (shown as `***`).
     The last `@`, not the URL parser's idea of the user part: a password may hold an unescaped `/`, `?`
     or `#` that ends the parser's authority early.
     """
