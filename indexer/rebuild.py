@@ -30,7 +30,7 @@ from pathlib import Path
 from indexer.defaults import CHECKPOINT_S
 from indexer.encoding import Encoding
 from indexer.pipeline import ProgressFn, Summary, index_photos
-from matcher import forgotten, layout, rows
+from matcher import coarse, forgotten, layout, rows
 from matcher.encoder import EncoderSettings
 from matcher.errors import GalleryError
 from matcher.writer import GalleryWriter
@@ -169,6 +169,9 @@ def _switch(writer: GalleryWriter, staging: Path) -> layout.Manifest:
     if staged.index:
         new.index = f"index-v{version}.faiss"
         _link(staging / staged.index, writer.folder / new.index)
+    if staged.coarse:
+        new.coarse = {**staged.coarse, "file": coarse.file_name(version)}
+        _link(staging / staged.coarse["file"], writer.folder / new.coarse["file"])
     entries = forgotten.read(writer.folder, old)
     if entries:
         new.forgotten, new.forgotten_sha256 = forgotten.write(writer.folder, version, entries)

@@ -29,7 +29,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from matcher import defaults, forgotten, index_file, layout, rows, scan
+from matcher import coarse, defaults, forgotten, index_file, layout, rows, scan
 from matcher.errors import GalleryError, StageError
 from matcher.search import (
     DEFAULT_THRESHOLD,
@@ -140,12 +140,14 @@ class Gallery:
         live = rows.live(got.photos["removed_at"], m.version)
         face_photo = got.faces["photo"].astype(np.int32)
         boxes = got.faces["box"].astype(np.int32, copy=False)
-        vectors = _load_descriptors(folder, m)
+        vectors, mapped = _load_descriptors(folder, m)
         scanner = None
         if gpu is not None:
             from matcher.gpu import gpu_scanner
 
             scanner = gpu_scanner(vectors, gpu, on_gpu_fallback)
+        elif mapped:
+            scanner = _coarse_scanner(folder, m, vectors)
         forgets = forgotten.read(folder, m)
         return cls(folder, m, got.photos["id"], live, face_photo, boxes, vectors, scanner, forgets)
 
@@ -230,10 +232,10 @@ class Gallery:
         return GalleryStats(self.version, len(live_ids), self.face_count, len(live_ids) - with_faces, stages)
 
 
-def _load_descriptors(folder: Path, m: layout.Manifest) -> scan.Descriptors:
-    """The index file's rows, memory-mapped, then committed rows written after it, read from the row files.
-    An index file that is not the one the manifest recorded is not read (`matcher.index_file`): all rows
-    then come from the row files, and a warning says so."""
+def _load_descriptors(folder: Path, m: layout.Manifest) -> tuple[scan.Descriptors, bool]:
+    """The index file's rows, memory-mapped, then committed rows written after it, read from the row files;
+    and whether the index file was read. An index file that is not the one the manifest recorded is not
+    read (`matcher.index_file`): all rows then come from the row files, and a warning says so."""
     blocks, mapped = [], None
     why = index_file.problem(folder, m) if m.index else None
     if why is not None:
@@ -250,7 +252,27 @@ def _load_descriptors(folder: Path, m: layout.Manifest) -> scan.Descriptors:
     tail = list(rows.iter_descriptors(folder, m, start=mapped.ntotal if mapped is not None else 0))
     if tail:
         blocks.append(np.concatenate(tail) if len(tail) > 1 else tail[0])
-    return scan.Descriptors(blocks, keep=mapped)
+    return scan.Descriptors(blocks, keep=mapped), mapped is not None
+
+
+def _coarse_scanner(folder: Path, m: layout.Manifest, vectors: scan.Descriptors) -> scan.Scanner | None:
+    """The scan on the index rows' 8-bit codes (`matcher.coarse`) when the manifest names a sound codes file;
+    None (the float32 scan) otherwise, with a warning when the file named is not the one recorded."""
+    if not m.coarse or not m.index_faces:
+        return None
+    why = coarse.problem(folder, m)
+    codes = None
+    if why is None:
+        try:
+            codes = coarse.read(folder / m.coarse["file"], m.index_faces)
+        except (RuntimeError, ValueError) as e:
+            why = f"{m.coarse['file']}: {str(e).splitlines()[0]}"
+    if codes is None:
+        log.warning("gallery at %s: %s; whole-gallery searches read the float32 descriptors instead "
+                    "(`fsw-index verify` checks the gallery)", folder, why)
+        return None
+    coarse.touch(codes)
+    return coarse.CoarseScan(codes, m.coarse["error"], vectors)
 
 
 def _return_freed_memory() -> None:

@@ -1,8 +1,8 @@
 """FAISS on a GPU: a whole-gallery scan on a CUDA device, the CPU scan as its fallback.
 
-FAISS's GPU indexes have no range search, so `knn_range_search` finds the rows within a radius with
-k-NN searches, k doubled until the k-th distance passes the radius (or k reaches the rows searched). It
-takes any FAISS index, so the CPU tests check it against the exact answer.
+FAISS's GPU indexes have no range search, so `matcher.scan.knn_range_search` finds the rows within a
+radius with k-NN searches, k doubled until the k-th distance passes the radius (or k reaches the rows
+searched). It takes any FAISS index, so the CPU tests check it against the exact answer.
 
 `GpuScan` holds the descriptors on the device (`faiss.index_cpu_to_gpu`). A stage's rows, a few
 thousand, are scanned on the CPU (`matcher.scan`), where they cost less than a trip to the device. The
@@ -22,43 +22,11 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
-from matcher.defaults import GPU_FIRST_K, GPU_MAX_K, GPU_MIN_ROWS, GPU_RADIUS_SLACK
-from matcher.scan import DIM, CpuScan, Descriptors, Ranges, Scanner
+from matcher.defaults import GPU_MAX_K, GPU_MIN_ROWS, GPU_RADIUS_SLACK
+from matcher.scan import DIM, CpuScan, Descriptors, Ranges, Scanner, knn_range_search
 
 log = logging.getLogger("fsw.matcher")
 _ADD_ROWS = 1 << 20  # rows copied to the device per call: 512 MiB
-
-
-def knn_range_search(
-    index: faiss.Index,
-    query: np.ndarray,
-    radius: float,
-    k: int = GPU_FIRST_K,
-    max_k: int | None = None,
-    rows: int | None = None,
-    params: faiss.SearchParameters | None = None,
-) -> np.ndarray | None:
-    """Ids of `index` with squared L2 distance below `radius` from `query`, found by k-NN searches.
-
-    k starts at `k` and doubles until the k-th distance is at least `radius` (every row not returned is
-    then farther) or k reaches `rows`, the rows the search can see (default: all of the index's; fewer
-    when `params` selects some). Returns None when more than `max_k` rows lie within the radius (a GPU
-    index returns at most 2048 neighbours): the caller must search another way. Unordered, int64.
-    """
-    q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, DIM)
-    seen = index.ntotal if rows is None else rows
-    if seen == 0:
-        return np.zeros(0, np.int64)
-    k = max(1, min(k, seen))
-    while True:
-        distances, ids = index.search(q, k, params=params) if params is not None else index.search(q, k)
-        distances, ids = distances[0], ids[0]
-        if k >= seen or distances[-1] >= radius:
-            break
-        if max_k is not None and k >= max_k:
-            return None
-        k = min(2 * k, seen, max_k or seen)
-    return ids[(ids >= 0) & (distances < radius)].astype(np.int64)
 
 
 def has_gpu(device: int) -> bool:

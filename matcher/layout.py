@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -56,6 +57,8 @@ class Manifest:
     index: str | None = None  # FAISS file holding face rows [0, index_faces)
     index_faces: int = 0
     index_sha256: str | None = None
+    # the index rows' 8-bit codes (`matcher.coarse`): {"file", "sha256", "error"}; None where not written
+    coarse: dict[str, Any] | None = None
     forgotten: str | None = None  # the forgotten faces' file (`matcher.forgotten`), when there are any
     forgotten_sha256: str | None = None
     photo_root: str = ""
@@ -79,6 +82,12 @@ def _sha256(v: Any) -> bool:
     return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
 
 
+def _coarse_entry(v: Any) -> bool:
+    return (isinstance(v, dict) and is_file_name(v.get("file")) and _sha256(v.get("sha256"))
+            and isinstance(v.get("error"), int | float) and not isinstance(v.get("error"), bool)
+            and math.isfinite(v["error"]) and v["error"] >= 0)
+
+
 def _null_or(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or check(v)
 
@@ -93,6 +102,7 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "segments": (lambda v: isinstance(v, list), "a list of row files"),
     "index": (_null_or(is_file_name), "null or a file name in the gallery folder"),
     "index_sha256": (_null_or(_sha256), "null or 64 hex digits"),
+    "coarse": (_null_or(lambda v: _coarse_entry(v)), "null or {file, sha256, error} of the index's codes"),
     "forgotten": (_null_or(is_file_name), "null or a file name in the gallery folder"),
     "forgotten_sha256": (_null_or(_sha256), "null or 64 hex digits"),
     "photo_root": (lambda v: isinstance(v, str), "a string"),
@@ -128,6 +138,8 @@ def _malformed(raw: dict[str, Any]) -> dict[str, str]:
             bad["segments"] = f"files holding at most the manifest's {k} ({raw.get(k, 0)})"
     if raw.get("index_faces", 0) > raw.get("faces", 0):
         bad["index_faces"] = f"at most faces ({raw.get('faces', 0)})"
+    if raw.get("coarse") and not raw.get("index"):
+        bad["coarse"] = "null when there is no index file (the codes are of the index's rows)"
     return bad
 
 
@@ -174,6 +186,11 @@ def read_manifest(gallery: str | os.PathLike[str]) -> Manifest:
     return Manifest(**{k: v for k, v in raw.items() if k in known})
 
 
+def coarse_file(m: Manifest) -> str | None:
+    """The codes file the manifest names (`matcher.coarse`), if any."""
+    return m.coarse["file"] if m.coarse else None
+
+
 def manifest_version(gallery: str | os.PathLike[str]) -> int | None:
     """The committed version, or None when there is no readable manifest (cheap: for polling)."""
     try:
@@ -185,7 +202,7 @@ def manifest_version(gallery: str | os.PathLike[str]) -> int | None:
 def write_manifest(gallery: str | os.PathLike[str], manifest: Manifest) -> None:
     """Publish a version: the manifest, replaced atomically. A gallery without forgotten faces writes no
     `forgotten` keys, as before they existed."""
-    doc = {k: v for k, v in asdict(manifest).items() if not (k.startswith("forgotten") and v is None)}
+    doc = {k: v for k, v in asdict(manifest).items() if not (k.startswith(("forgotten", "coarse")) and v is None)}
     atomic_write(manifest_path(gallery), json.dumps(doc, indent=2, sort_keys=True))
 
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from matcher.defaults import SCAN_GATHER_ROWS, SCAN_MIN_ROWS_PER_THREAD
+from matcher.defaults import GPU_FIRST_K, SCAN_GATHER_ROWS, SCAN_MIN_ROWS_PER_THREAD
 
 DIM = 128
 Ranges = np.ndarray  # int64 (k, 2): sorted, disjoint row ranges [lo, hi)
@@ -148,10 +148,10 @@ class CpuScan:
     def candidates(self, query: np.ndarray, radius: float, scope: Ranges | None = None) -> np.ndarray:
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, DIM)
         scope = whole(len(self.vectors)) if scope is None else scope
-        parts = _split(scope, self.threads, SCAN_MIN_ROWS_PER_THREAD)
+        parts = split_scope(scope, self.threads, SCAN_MIN_ROWS_PER_THREAD)
         if len(parts) <= 1:
             return self._scan(q, radius, parts[0] if parts else scope[:0])
-        pool = _pool(self.threads - 1)
+        pool = scan_pool(self.threads - 1)
         futures = [pool.submit(self._scan, q, radius, part) for part in parts[1:]]
         found = [self._scan(q, radius, parts[0])] + [f.result() for f in futures]
         return np.concatenate(found)
@@ -184,7 +184,39 @@ def range_search_block(q: np.ndarray, block: np.ndarray, radius: float) -> np.nd
     return faiss.rev_swig_ptr(res.labels, n).astype(np.int64) if n else np.zeros(0, np.int64)
 
 
-def _split(scope: Ranges, parts: int, min_rows: int) -> list[Ranges]:
+def knn_range_search(
+    index: faiss.Index,
+    query: np.ndarray,
+    radius: float,
+    k: int = GPU_FIRST_K,
+    max_k: int | None = None,
+    rows: int | None = None,
+    params: faiss.SearchParameters | None = None,
+) -> np.ndarray | None:
+    """Ids of `index` with squared L2 distance below `radius` from `query`, found by k-NN searches.
+
+    k starts at `k` and doubles until the k-th distance is at least `radius` (every row not returned is
+    then farther) or k reaches `rows`, the rows the search can see (default: all of the index's; fewer
+    when `params` selects some). Returns None when more than `max_k` rows lie within the radius (a GPU
+    index returns at most 2048 neighbours): the caller must search another way. Unordered, int64.
+    """
+    q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, DIM)
+    seen = index.ntotal if rows is None else rows
+    if seen == 0:
+        return np.zeros(0, np.int64)
+    k = max(1, min(k, seen))
+    while True:
+        distances, ids = index.search(q, k, params=params) if params is not None else index.search(q, k)
+        distances, ids = distances[0], ids[0]
+        if k >= seen or distances[-1] >= radius:
+            break
+        if max_k is not None and k >= max_k:
+            return None
+        k = min(2 * k, seen, max_k or seen)
+    return ids[(ids >= 0) & (distances < radius)].astype(np.int64)
+
+
+def split_scope(scope: Ranges, parts: int, min_rows: int) -> list[Ranges]:
     """`scope` cut into up to `parts` scopes of equal rows, each of at least `min_rows` rows."""
     total = int((scope[:, 1] - scope[:, 0]).sum())
     parts = max(1, min(parts, total // max(min_rows, 1)))
@@ -209,7 +241,7 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+def scan_pool(workers: int) -> ThreadPoolExecutor:
     """The scan threads, shared by every gallery of the process (a reload makes no new threads)."""
     with _POOLS_LOCK:
         if workers not in _POOLS:

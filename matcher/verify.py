@@ -19,7 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from matcher import defaults, forgotten, index_file, layout, rows
+from matcher import coarse, defaults, forgotten, index_file, layout, rows
 from matcher.errors import GalleryError, ManifestError
 
 
@@ -86,6 +86,7 @@ def _check(folder: Path) -> Verdict:
     sound = [_check_file(folder, f, m, v) for f in files]
     descriptors = _check_rows(folder, m, v) if all(sound) else None
     _check_index(folder, m, v, descriptors)
+    _check_coarse(folder, m, v, descriptors)
     _check_forgotten(folder, m, v)
     return v
 
@@ -205,3 +206,31 @@ def _check_index(folder: Path, m: layout.Manifest, v: Verdict, descriptors: np.n
     if len(differ):
         v.problems.append(f"{m.index}: {len(differ)} of its {index.ntotal} vectors differ from the descriptors in "
                           f"the row files (first: face row {int(differ[0])})")
+
+
+def _check_coarse(folder: Path, m: layout.Manifest, v: Verdict, descriptors: np.ndarray | None) -> None:
+    """The codes file (`matcher.coarse`): the one recorded, of the index's rows, each row within the recorded
+    error of its code (else a search on the codes could miss a match)."""
+    if not m.coarse:
+        return
+    name = m.coarse["file"]
+    problem = coarse.problem(folder, m)
+    if problem is not None:
+        v.problems.append(problem)
+        return
+    try:
+        codes = coarse.read(folder / name, m.index_faces)
+    except (RuntimeError, ValueError) as e:
+        v.problems.append(f"{name}: not readable as the index rows' codes ({str(e).splitlines()[0]})")
+        return
+    if descriptors is None or len(descriptors) < m.index_faces:
+        return
+    worst = 0.0
+    for lo in range(0, m.index_faces, 1 << 16):
+        block = np.ascontiguousarray(descriptors[lo : min(lo + (1 << 16), m.index_faces)], dtype=np.float32)
+        decoded = codes.sa_decode(faiss.rev_swig_ptr(codes.codes.data(), codes.ntotal * 128)
+                                  [lo * 128 : (lo + len(block)) * 128].reshape(len(block), 128))
+        worst = max(worst, float(np.sqrt(((decoded.astype(np.float64) - block) ** 2).sum(axis=1)).max()))
+    if worst > m.coarse["error"]:
+        v.problems.append(f"{name}: a row lies {worst:.4f} from its code, beyond the recorded error "
+                          f"{m.coarse['error']:.4f}: its codes are not those of the row files")

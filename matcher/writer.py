@@ -21,7 +21,7 @@ import faiss
 import h5py
 import numpy as np
 
-from matcher import defaults, forgotten, layout, rows
+from matcher import coarse, defaults, forgotten, layout, rows
 from matcher.errors import GalleryError, SettingsMismatchError
 from matcher.rows import FACE_COLUMNS, PHOTO_COLUMNS, Rows
 
@@ -152,7 +152,7 @@ class GalleryWriter:
         place, so that a kill now cannot harm it either.
         """
         m = self.manifest
-        named = {f.name for f in rows.data_files(m)} | {m.index, m.forgotten}
+        named = {f.name for f in rows.data_files(m)} | {m.index, layout.coarse_file(m), m.forgotten}
         for p in self.folder.iterdir():
             if _is_leftover(p.name, named):
                 _unlink(p)
@@ -297,14 +297,15 @@ class GalleryWriter:
         if new.forgotten:
             new = replace(new, format=layout.FORGOTTEN_FORMAT)
         if final and _index_due(new):
-            name, sha = self._write_index(new)
-            new = replace(new, index=name, index_faces=new.faces, index_sha256=sha)
+            name, sha, codes = self._write_index(new)
+            new = replace(new, index=name, index_faces=new.faces, index_sha256=sha, coarse=codes)
         layout.write_manifest(self.folder, new)
         return new
 
     def _delete_unnamed(self, *manifests: layout.Manifest) -> None:
         """Delete the row, index and forgotten files none of `manifests` names."""
-        named = set().union(*({f.name for f in rows.data_files(m)} | {m.index, m.forgotten} for m in manifests))
+        named = set().union(*({f.name for f in rows.data_files(m)} | {m.index, layout.coarse_file(m), m.forgotten}
+                               for m in manifests))
         for p in self.folder.iterdir():
             if _is_old(p.name, named):
                 _unlink(p)
@@ -360,14 +361,17 @@ class GalleryWriter:
         name, sha = forgotten.write(self.folder, new.version, entries)
         return replace(new, forgotten=name, forgotten_sha256=sha)
 
-    def _write_index(self, m: layout.Manifest) -> tuple[str, str]:
+    def _write_index(self, m: layout.Manifest) -> tuple[str, str, dict[str, Any] | None]:
+        """The index file of every face row, and its rows' 8-bit codes (`matcher.coarse`): names and hashes."""
         index = faiss.IndexFlatL2(128)
         for block in rows.iter_descriptors(self.folder, m):
             index.add(block)
         name = f"index-v{m.version}.faiss"
         with layout.atomic_replace(self.folder / name) as tmp:
             faiss.write_index(index, str(tmp))
-        return name, layout.file_sha256(self.folder / name)
+        vectors = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * 128).reshape(-1, 128) if index.ntotal else None
+        codes = coarse.write(self.folder, m.version, vectors) if vectors is not None else None
+        return name, layout.file_sha256(self.folder / name), codes
 
     def close(self) -> None:
         if self._lock is not None:

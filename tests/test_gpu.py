@@ -9,8 +9,8 @@ import pytest
 
 from matcher import gpu
 from matcher.gallery import Gallery
-from matcher.gpu import GpuScan, has_gpu, knn_range_search
-from matcher.scan import CpuScan, Descriptors
+from matcher.gpu import GpuScan, has_gpu
+from matcher.scan import CpuScan, Descriptors, knn_range_search
 from matcher.search import exhaustive_search, radius_for, range_search
 from matcher.writer import GalleryWriter, PendingPhoto
 

@@ -139,7 +139,7 @@ def test_a_scan_split_over_threads_finds_the_rows_of_one_scan(monkeypatch, threa
 def test_a_split_scope_covers_every_row_once():
     scope = np.asarray([[0, 10], [20, 25], [30, 100]])
     for parts in (1, 2, 3, 4, 85):
-        pieces = scan._split(scope, parts, 1)
+        pieces = scan.split_scope(scope, parts, 1)
         covered = np.concatenate([np.arange(lo, hi) for p in pieces for lo, hi in p])
         assert covered.tolist() == [*range(10), *range(20, 25), *range(30, 100)]
         assert len(pieces) == min(parts, 85)

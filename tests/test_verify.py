@@ -149,7 +149,8 @@ def test_rows_of_a_writer_that_died_are_not_a_problem(copy):
         last = int(h5["faces/photo"][-1])
         cut = int((h5["faces/photo"][:] == last).sum())
     # the manifest of the version before the last photo: its rows are now uncommitted leftovers
-    _edit_manifest(copy, photos=last, faces=m["faces"] - cut, index=None, index_faces=0, index_sha256=None)
+    _edit_manifest(copy, photos=last, faces=m["faces"] - cut, index=None, index_faces=0, index_sha256=None,
+                   coarse=None)
     verdict = check_gallery(copy)
     assert verdict.problems == [] and "uncommitted rows of an interrupted writer" in verdict.summary()
 
