@@ -170,7 +170,7 @@ def _jobs(r: Results) -> str:
         scan = r.get("search", {}).get("sizes", {}).get(str(sizes[-1]), {}).get("fsw")
         if scan:  # these jobs name no stage: query expansion scans the whole gallery, then the search again
             text += (f": a job without a stage scans the whole gallery twice (query expansion, then the search; "
-                     f"{scan['median_ms']:.0f} ms a scan at {sizes[-1]:,} faces, `search.sizes`) besides the "
+                     f"{scan['median_ms']:.1f} ms a scan at {sizes[-1]:,} faces, `search.sizes`) besides the "
                      "selfie's detection and encoding. A job with a stage scans only the stage's faces and costs "
                      "the same at any gallery size (below)")
         out += ["", text + "."]
@@ -214,6 +214,35 @@ def _search(r: Results) -> str:
     if "fsw_one_core" not in largest:  # a run from before the scan was split over the cores
         return _search_before_split(r)
     stage = largest.get("stage", {})
+    if "fsw_float32" not in largest:  # a run from before the codes file
+        return _search_float32(r, sizes, largest, stage, bw)
+    rows = [[f"{size:,}", _ms(v["fsw"], 2), _ms(v["fsw_float32"], 2), _ms(v["fsw_one_core"], 2),
+             _ms(v["fsw_stage"], 2), _ms(v["faiss_range"], 2), _ms(v["numpy_matmul"], 2), f"{v['floor_ms']:.2f}",
+             _x(v["fsw_over_floor"]), _x(v.get("fsw_float32_over_floor"))] for size, v in sizes]
+    threads = largest.get("threads")
+    return "\n".join([
+        "## Search alone, ms", "",
+        f"One descriptor against the gallery. The floor is the float32 descriptors' bytes (512 a face) read at {bw} "
+        "GB/s, the machine's memory bandwidth measured as a 1 GB numpy copy (read + write) on one core: no scan of "
+        "the float32 rows can beat it.", "",
+        _table(["faces", f"fsw `Gallery.search`, whole gallery, on the codes ({threads} threads)",
+                "fsw, float32 rows (all cores)", "fsw, float32 rows, one core",
+                f"fsw, a stage (`{stage.get('name')}`, {stage.get('faces') or 0:,} faces at the largest size)",
+                "FAISS flat range search (one core)", "numpy matmul, precomputed norms", "floor", "fsw / floor",
+                "float32 rows / floor"], rows),
+        "", _source("search.sizes", "search.bandwidth"), "",
+        f"A whole-gallery search scans the index rows' 8-bit codes (`matcher.coarse`, 128 bytes a face), one share "
+        f"per core, then rechecks the rows near the query against the float32 rows in float64: the same answers as "
+        f"the float32 scan (`faces_found`), at {int(largest['faces']):,} faces {_ms(largest['fsw'], 1)} ms, "
+        f"{_x(largest['fsw_over_floor'])} the float32 floor and {_x(largest.get('fsw_over_read_floor'))} the floor of "
+        f"the {largest.get('bytes_read', 0) / 1e6:,.0f} MB it reads. The float32 scan (a gallery without codes, or "
+        f"before its first index file) cuts the rows into one slice per core for FAISS's `range_search_L2sqr`: "
+        f"{_ms(largest['fsw_float32'], 1)} ms, {_x(largest.get('fsw_float32_over_floor'))} the floor. A job with a "
+        "stage scans only the stage's float32 rows, so its search costs the same at every gallery size.",
+    ])
+
+
+def _search_float32(r: Results, sizes: list, largest: dict, stage: dict, bw: float) -> str:
     rows = [[f"{size:,}", _ms(v["fsw"], 2), _ms(v["fsw_one_core"], 2), _ms(v["fsw_stage"], 2),
              _ms(v["faiss_range"], 2), _ms(v["numpy_matmul"], 2), f"{v['floor_ms']:.2f}", _x(v["fsw_over_floor"])]
             for size, v in sizes]

@@ -87,11 +87,27 @@ def expand_query(
 
     The evidence is every live photo of the stage, the rows the search itself scans (`Gallery.scan`), so a
     job costs what its stage holds. Exclusions only filter what is returned: a photo excluded after the
-    search (as the worker does) gives the same answer as one excluded in it. Costs one scan at
-    `threshold + margin` (fewer hits than the search itself).
+    search (as the worker does) gives the same answer as one excluded in it. Costs one scan at `threshold`
+    (`matcher.query.search_descriptor` makes it the answer when the query is not expanded).
     """
     threshold = check_threshold(threshold)
-    rows, distances = gallery.scan(descriptor, min(threshold + margin, 1.0), gallery.check_stage(stage))
+    rows, distances = gallery.scan(descriptor, threshold, gallery.check_stage(stage))
+    return expand_from(gallery, descriptor, rows, distances, threshold, margin, min_matches)
+
+
+def expand_from(
+    gallery: Gallery,
+    descriptor: np.ndarray,
+    rows: np.ndarray,
+    distances: np.ndarray,
+    threshold: float,
+    margin: float = MARGIN,
+    min_matches: int = MIN_MATCHES,
+) -> Expansion:
+    """`expand_query` from the hits of a scan at `threshold` (`Gallery.scan`: visible rows, exact distances):
+    its confident ones, those within `threshold + margin`, are the evidence of step 1."""
+    confident = distances < 1.0 - min(threshold + margin, 1.0)
+    rows, distances = rows[confident], distances[confident]
     best = best_face_per_photo(rows, distances, gallery.face_photo)
     expansion = refine(descriptor, gallery.vectors[best], threshold, margin, min_matches)
     return replace(expansion, used=best[expansion.used])

@@ -216,6 +216,16 @@ class Gallery:
         threshold = check_threshold(threshold)
         stage = self.check_stage(stage)
         hits, distances = self.scan(descriptor, threshold, stage)
+        return self.matches(hits, distances, limit, exclude)
+
+    def matches(
+        self,
+        hits: np.ndarray,
+        distances: np.ndarray,
+        limit: int | None = None,
+        exclude: frozenset[str] | set[str] = frozenset(),
+    ) -> list[Match]:
+        """The answer of a `scan`'s hits: one entry per photo (its closest face), best first, less `exclude`."""
         if exclude:
             ids = self.photo_ids[self.face_photo[hits]]
             keep = np.fromiter((i not in exclude for i in ids), bool, len(ids))

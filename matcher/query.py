@@ -33,10 +33,10 @@ import numpy as np
 from matcher.defaults import DEFAULT_THRESHOLD, MIN_SELFIE_SIDE, SELFIE_MAX_PIXELS
 from matcher.encoder import Encoder, trim_box
 from matcher.errors import ImageError
-from matcher.expansion import expand_query
+from matcher.expansion import expand_from
 from matcher.gallery import Gallery
 from matcher.images import load_scaled
-from matcher.search import Match
+from matcher.search import Match, check_threshold
 
 Stage = Literal["decoded", "face_found", "encoded", "searched"]
 STAGES: tuple[Stage, ...] = ("decoded", "face_found", "encoded", "searched")
@@ -114,11 +114,17 @@ def search_descriptor(
 
     Only the stage's rows are scanned, by the expansion too (its evidence is the stage's photos); `exclude`
     filters the answer, so filtering it afterwards (as the worker does with excluded photos) gives the
-    same result.
+    same result. The expansion's scan is the search of `descriptor` itself, so a query that is not
+    expanded costs one scan, and an expanded one two.
     """
-    if expand:
-        descriptor = expand_query(gallery, descriptor, threshold, stage=stage).descriptor
-    return gallery.search(descriptor, stage, threshold, limit, exclude)
+    if not expand:
+        return gallery.search(descriptor, stage, threshold, limit, exclude)
+    threshold, stage = check_threshold(threshold), gallery.check_stage(stage)
+    hits, distances = gallery.scan(descriptor, threshold, stage)
+    expansion = expand_from(gallery, descriptor, hits, distances, threshold)
+    if not expansion.expanded:
+        return gallery.matches(hits, distances, limit, exclude)
+    return gallery.search(expansion.descriptor, stage, threshold, limit, exclude)
 
 
 def search_selfie(

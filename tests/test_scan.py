@@ -163,3 +163,21 @@ def test_the_index_files_descriptors_are_mapped_read_only_and_shared(scattered):
     maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(index_file)]
     assert maps and all(m[1] == "r--s" for m in maps)  # read-only, shared with every process mapping it
     assert len(gallery.vectors.blocks) == 2 and gallery.vectors.blocks[1].flags.owndata  # rows after it: our own
+
+
+def test_a_job_scans_once_unless_its_query_is_expanded_and_answers_as_expansion_then_search(scattered, person):
+    from matcher.expansion import expand_query
+
+    gallery = Gallery.open(scattered)
+    calls = []
+    candidates = gallery.scanner.candidates
+    gallery.scanner.candidates = lambda *a, **k: calls.append(1) or candidates(*a, **k)
+    stranger = np.random.default_rng(9).normal(size=128).astype(np.float32)
+    for q, scans in ((person, 2), (stranger, 1)):
+        calls.clear()
+        got = search_descriptor(gallery, q, "", 0.5)
+        assert len(calls) == scans
+        expansion = expand_query(gallery, q, 0.5)
+        assert expansion.expanded == (scans == 2)
+        assert got == gallery.search(expansion.descriptor, "", 0.5)
+    assert search_descriptor(gallery, person, "", 0.5)  # the person is found
