@@ -1,8 +1,8 @@
 """The 8-bit codes of a gallery's indexed descriptors: a whole-gallery scan that reads a quarter of the bytes.
 
-A whole-gallery scan at 1M faces reads 512 MB of float32 rows: about 15 ms at this machine's memory speed,
-twice per job (query expansion, then the search), where a job at 1k faces takes about 37 ms in all. The
-codes file holds each descriptor in 128 bytes, FAISS's 8-bit scalar quantizer with one range for every
+A whole-gallery scan at 1M faces reads 512 MB of float32 rows, 12-15 ms at the dev machine's memory
+speed, and an expanded query scans twice, where a whole job at 1k faces takes 20-37 ms (docs/performance.md).
+The codes file holds each descriptor in 128 bytes, FAISS's 8-bit scalar quantizer with one range for every
 dimension (`QT_8bit_uniform`, the min and max over the rows). The writer measures `error`, the largest
 distance between a descriptor and its decoded code, over every row it encodes. A row within distance `r`
 of a query is then within `r + error` of its code (triangle inequality), so the rows whose codes lie

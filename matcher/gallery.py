@@ -8,10 +8,11 @@ number of readers may open a gallery while its one writer (`matcher.writer.Galle
 reader never sees a half-written version. The files: docs/gallery-format.md.
 
 At load, the face rows of every folder (a stage) are noted as row ranges (`Gallery.scopes`), so a search
-with a stage scans that stage's rows only (`matcher.scan`). `Gallery.scan` is the one search of the
-rows, for `search` and for query expansion alike; `Gallery.visible` decides which faces it may show:
-those of live photos, less the faces of people who asked to be forgotten (`matcher.forgotten`), found
-once at load by one scan per forgotten descriptor (`face_hidden`).
+with a stage scans that stage's rows only (`matcher.scan`); a search of the whole gallery scans the index
+rows' 8-bit codes where the manifest names a sound codes file (`matcher.coarse`), with the same answers.
+`Gallery.scan` is the one search of the rows, for `search` and for query expansion alike; `Gallery.visible`
+decides which faces it may show: those of live photos, less the faces of people who asked to be forgotten
+(`matcher.forgotten`), found once at load by one scan per forgotten descriptor (`face_hidden`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ split over the cores, one slice a thread (FAISS releases the GIL, and scans one 
 
 `CpuScan.candidates` returns the rows FAISS finds within a squared radius; `matcher.search.range_search`
 widens the radius and rechecks them in float64, so the answer does not depend on how the rows were split.
+`knn_range_search` finds the rows within a radius with k-NN searches instead, for FAISS indexes that have
+no range search, or a slow one: a GPU's (`matcher.gpu`), the 8-bit codes' (`matcher.coarse`).
 """
 
 from __future__ import annotations
