@@ -89,6 +89,7 @@ def sharing(gallery: Path, counts: tuple[int, ...] = (1, 4)) -> dict[str, Any]:
                 p.communicate(timeout=120)
         out["faces"] = opened[0]["faces"]
         out["mapped_descriptor_bytes"] = opened[0]["mapped_descriptor_bytes"]
+        out["code_bytes"] = opened[0].get("code_bytes", 0)
         out["processes"][str(n)] = {
             "rss_mb": round(sum(m["rss"] for m in now) / 2**20, 1),
             "pss_mb": round(sum(m["pss"] for m in now) / 2**20, 1),

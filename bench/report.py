@@ -419,7 +419,14 @@ def _memory(r: Results) -> str:
     out = ["## Memory", "", "Resident memory of a fresh process that opens the gallery with `Gallery.open`, and of "
            "`fsw-worker` serving it (which also holds dlib's models and ONNX Runtime), MiB:", "",
            _table(["faces", "RSS", "peak RSS"], rows), "", _source("memory.processes", "worker.sizes.*.rss_bytes")]
-    if "bytes_per_face" in mem:
+    largest = _by_size(mem["processes"])[-1][1] if mem.get("processes") else {}
+    if "bytes_per_face" in mem and largest.get("code_bytes"):
+        out += ["", f"**{mem['bytes_per_face']} bytes a face** (`memory.bytes_per_face`): the 512-byte descriptor, "
+                "its 128-byte code (`matcher.coarse`: what a whole-gallery search scans), "
+                f"{mem['metadata_bytes_per_face']} bytes of metadata (photo ids, boxes, the face-to-photo map) and "
+                "allocator overhead. The index file's rows and the codes are mapped, not copied: they count in each "
+                "process's RSS, but the page cache holds them once for every process on the machine."]
+    elif "bytes_per_face" in mem:
         out += ["", f"**{mem['bytes_per_face']} bytes a face** (`memory.bytes_per_face`): the 512-byte descriptor, "
                 f"{mem['metadata_bytes_per_face']} bytes of metadata (photo ids, boxes, the face-to-photo map) and "
                 "allocator overhead. The index file's rows are mapped, not copied: they count in each process's RSS, "
