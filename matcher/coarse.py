@@ -18,14 +18,14 @@ float32 rows instead, and a warning says so.
 from __future__ import annotations
 
 import math
-import stat
+import os
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from matcher import layout
+from matcher import index_file, layout
 from matcher.defaults import COARSE_FIRST_K, COARSE_MAX_K, SCAN_MIN_ROWS_PER_THREAD
 from matcher.scan import DIM, CpuScan, Descriptors, Ranges, knn_range_search, scan_pool, split_scope, whole
 
@@ -33,6 +33,7 @@ QUANTIZER = faiss.ScalarQuantizer.QT_8bit_uniform
 _ENCODE_ROWS = 1 << 16  # rows encoded and checked at a time: 8 MiB of codes, 32 MiB of floats
 # FAISS sums a code's squared distance in float32: relative rounding far below this, for 128 terms
 _ROUNDING = 1e-5
+_HEADER_BYTES = 1 << 16  # FAISS's header before the codes: the quantizer's type, its range, the counts
 
 
 def file_name(version: int) -> str:
@@ -62,32 +63,17 @@ def write(folder: Path, version: int, vectors: np.ndarray) -> dict[str, Any] | N
 
 def problem(folder: Path, m: layout.Manifest) -> str | None:
     """Why the codes file `m.coarse` names must not be read (one line, naming the file), or None when it is
-    the one the writer recorded for the index file's rows. `m.coarse` must be set."""
+    the one the writer recorded: checked as the index file is (`matcher.index_file`), and of the size the
+    codes of `index_faces` rows take with FAISS's header (a few hundred bytes). `m.coarse` must be set."""
     assert m.coarse is not None
-    name = m.coarse["file"]
-    path = folder / name
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return f"{name}: named by the manifest but missing"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{name}: not a plain file (a link, a folder, a device): the writer writes plain files only"
-    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if _checked.get((str(path), m.coarse["sha256"])) == identity:
+    name, codes = m.coarse["file"], m.index_faces * DIM
+
+    def size(st: os.stat_result) -> str | None:
+        if not codes <= st.st_size <= codes + _HEADER_BYTES:
+            return f"{name}: {st.st_size} bytes, where {m.index_faces} faces' codes take {codes} and a header"
         return None
-    if st.st_size < m.index_faces * DIM or st.st_size > m.index_faces * DIM + (1 << 16):
-        return f"{name}: {st.st_size} bytes, where {m.index_faces} faces' codes take {m.index_faces * DIM} and a header"
-    sha = layout.file_sha256(path)
-    if sha != m.coarse["sha256"]:
-        return (f"{name}: sha256 {sha[:12]}... differs from the manifest's {m.coarse['sha256'][:12]}...; "
-                "the file is damaged or was replaced")
-    _checked[(str(path), m.coarse["sha256"])] = identity
-    return None
 
-
-# Codes files this process found sound, as `matcher.index_file` keeps its index files: a reload whose
-# manifest names the same unchanged file does not hash it again.
-_checked: dict[tuple[str, str], tuple[int, ...]] = {}
+    return index_file.recorded_file_problem(folder / name, m.coarse["sha256"], "coarse sha256", size)
 
 
 def read(path: Path, faces: int) -> faiss.IndexScalarQuantizer:

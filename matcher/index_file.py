@@ -16,8 +16,10 @@ whose manifest names the same unchanged file skips it.
 from __future__ import annotations
 
 import functools
+import os
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -34,21 +36,12 @@ def problem(folder: Path, m: layout.Manifest) -> str | None:
     one the writer recorded. `m.index` must be set."""
     assert m.index is not None
     path = folder / m.index
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return f"{m.index}: named by the manifest but missing"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{m.index}: not a plain file (a link, a folder, a device): the writer writes plain files only"
-    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if _checked.get((str(path), m.index_sha256)) == identity:
-        return None  # this process checked this very file (a reload after an add that kept the index)
-    sha = layout.file_sha256(path)
-    if sha != m.index_sha256:
-        return (f"{m.index}: sha256 {sha[:12]}... differs from the manifest's index_sha256 "
-                f"{str(m.index_sha256)[:12]}...; the file is damaged or was replaced")
-    # The hash matched, so whoever changed the file recorded its hash too: the size and header still bound
-    # what FAISS would read to what `index_faces` vectors take.
+    return recorded_file_problem(path, m.index_sha256, "index_sha256", lambda st: _flat_problem(path, m, st))
+
+
+def _flat_problem(path: Path, m: layout.Manifest, st: os.stat_result) -> str | None:
+    """The hash matched, so whoever changed the file recorded its hash too: the size and header still bound
+    what FAISS would read to what `index_faces` vectors take."""
     header = expected_header(m.index_faces)
     if header is None:
         return f"{m.index}: this FAISS ({faiss.__version__}) writes flat indexes in a layout fsw does not know"
@@ -58,11 +51,36 @@ def problem(folder: Path, m: layout.Manifest) -> str | None:
     with path.open("rb") as f:
         if f.read(len(header)) != header:
             return f"{m.index}: its header is not that of a flat index of {m.index_faces} vectors of {DIM}"
-    _checked[(str(path), m.index_sha256)] = identity
     return None
 
 
-# Index files this process found sound, by path and recorded hash, with the identity they had then: a file
+def recorded_file_problem(
+    path: Path, sha256: str | None, field: str, contents: Callable[[os.stat_result], str | None]
+) -> str | None:
+    """Why a FAISS file a manifest names is not the one its writer recorded: missing, not a plain file, a
+    sha256 other than the manifest's `field`, or what `contents` finds wrong once the hash matched (its size,
+    its header); None when it is the one. For the index file and the codes file (`matcher.coarse`) alike."""
+    name = path.name
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return f"{name}: named by the manifest but missing"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{name}: not a plain file (a link, a folder, a device): the writer writes plain files only"
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if _checked.get((str(path), sha256)) == identity:
+        return None  # this process checked this very file (a reload after an add that kept the index)
+    sha = layout.file_sha256(path)
+    if sha != sha256:
+        return (f"{name}: sha256 {sha[:12]}... differs from the manifest's {field} "
+                f"{str(sha256)[:12]}...; the file is damaged or was replaced")
+    why = contents(st)
+    if why is None:
+        _checked[(str(path), sha256)] = identity
+    return why
+
+
+# Files this process found sound, by path and recorded hash, with the identity they had then: a file
 # changed since has another ctime (any write sets it, and no one can set it back but the clock's owner),
 # so a reload whose manifest names the same unchanged file does not read 5 GB again at 10M faces.
 _checked: dict[tuple[str, str | None], tuple[int, ...]] = {}
