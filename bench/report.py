@@ -15,6 +15,8 @@ import os.path
 from pathlib import Path
 from typing import Any
 
+from bench import targets
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
 PAGE = ROOT / "docs" / "performance.md"
@@ -169,7 +171,8 @@ def _jobs(r: Results) -> str:
                 f"matcher (`jobs.largest_over_smallest`)")
         scan = r.get("search", {}).get("sizes", {}).get(str(sizes[-1]), {}).get("fsw")
         if scan:  # these jobs name no stage: query expansion scans the whole gallery, then the search again
-            text += (f": a job without a stage scans the whole gallery twice (query expansion, then the search; "
+            text += (": a job without a stage whose query is expanded (this selfie's is) scans the whole gallery "
+                     "twice (query expansion, then the search; "
                      f"{scan['median_ms']:.1f} ms a scan at {sizes[-1]:,} faces, `search.sizes`) besides the "
                      "selfie's detection and encoding. A job with a stage scans only the stage's faces and costs "
                      "the same at any gallery size (below)")
@@ -302,13 +305,15 @@ def _scale(r: Results) -> str:
         f"- Search alone over the whole gallery (`scale.search_whole`): {_ms(sc['search_whole'])} ms"
         + (f", {_x(sc.get('search_over_floor'))} the floor of {sc['floor_ms']} ms." if sc.get("floor_ms") else "."),
         f"- Writing it (`scale.write_s`): the row files {w.get('rows', '-')} s, then the final commit, which builds "
-        f"the FAISS index from the rows, {w.get('index', '-')} s"
+        f"the FAISS index from the rows{' and their codes' if m.get('code_bytes') else ''}, {w.get('index', '-')} s"
         f"{'' if w.get('this_run', True) else ' (recorded by the run that wrote the cached gallery'}"
         f"{'' if w.get('this_run', True) else (', ' + w['run'] + ')' if w.get('run') else ')')}.",
         f"- Opening it (`scale.open_s`): {', '.join(f'{s} s' for s in sc['open_s'])} (first, then again).",
         f"- A process that opened it and searched once (`scale.memory`): RSS {m['rss_after_open'] / 2**30:.2f} GiB, "
         f"{sc['bytes_per_face']} bytes a face; of it, {m['mapped_descriptor_bytes'] / 2**30:.2f} GiB are the mapped "
-        f"index file, shared by every worker on the machine; its own memory (PSS of anonymous pages) is "
+        + (f"index file and {m['code_bytes'] / 2**30:.2f} GiB its mapped codes, both " if m.get("code_bytes") else
+           "index file, ")
+        + "shared by every worker on the machine; its own memory (PSS of anonymous pages) is "
         f"{sc['private_bytes_per_face']} bytes a face: what each further worker adds.",
         f"- Loading it while serving (`scale.load_while_serving`), in a thread as a worker does: at start it took "
         f"{start['load_s']} s, the event loop's longest lag {start['loop_lag_max_ms']} ms; at a hot reload "
@@ -477,10 +482,15 @@ def _encoder(r: Results) -> str:
 def _targets(r: Results) -> str:
     if not r.get("targets"):
         return ""
+    side = r.get("side_sections", {})
+    listed = targets.evaluate({**r, **side}) if side else r["targets"]
     met = {True: "met", False: "**missed**", None: "-"}
-    rows = [[t["name"], t["target"], t["value"], met[t["met"]]] for t in r["targets"]]
-    return "\n".join(["## Targets", "", _table(["target", "wanted", "measured", ""], rows), "",
-                      _source("targets") + " Set in `bench/targets.py`."])
+    rows = [[t["name"], t["target"], t["value"], met[t["met"]]] for t in listed]
+    files = " and ".join(f"`bench/{name}.json`" for name in side)
+    sources = _source("targets") + " Set in `bench/targets.py`." + (
+        f" The {' and '.join(side)} targets are evaluated from {files}, which those sections write when run alone."
+        if side else "")
+    return "\n".join(["## Targets", "", _table(["target", "wanted", "measured", ""], rows), "", sources])
 
 
 def _capital(text: str) -> str:
@@ -496,12 +506,24 @@ def write(results: Results, page: Path, plot: str | None, source: str) -> None:
     page.write_text(markdown(results, plot, source))
 
 
+def with_side_sections(results: Results, folder: Path) -> Results:
+    """`results` with the sections that run alone and keep their own file beside it (`detection.json`,
+    `fleet.json`), where it lacks them, under `side_sections`: their targets are listed with the others."""
+    side = {}
+    for name in ("detection", "fleet"):
+        path = folder / f"{name}.json"
+        if name not in results and path.is_file():
+            data = json.loads(path.read_text())
+            side[name] = data.get(name, data)
+    return {**results, "side_sections": side} if side else results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="?", type=Path, default=RESULTS, help="a run's results.json")
     parser.add_argument("-o", "--out", default=str(PAGE), help="the page to write, or - to print it")
     args = parser.parse_args(argv)
-    results = json.loads(args.results.read_text())
+    results = with_side_sections(json.loads(args.results.read_text()), args.results.parent)
     source = source_name(args.results.parent)
     if args.out == "-":
         print(markdown(results, None, source), end="")

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     plot.draw(results, out / "job-latency.png")
     # the committed results render the committed page; any other folder gets its page beside its results
     page = report.PAGE if out.resolve() == HERE else out / "performance.md"
-    report.write(results, page, os.path.relpath(out / "job-latency.png", page.parent), report.source_name(out))
+    report.write(report.with_side_sections(results, out), page, os.path.relpath(out / "job-latency.png", page.parent),
+                 report.source_name(out))
     print(report.markdown(results, plot=None))
     log(f"wrote {out / 'results.json'}, {out / 'job-latency.png'} and {page} in {results['meta']['elapsed_s']:.0f} s")
     return 1 if any("error" in v for v in results.values() if isinstance(v, dict)) else 0

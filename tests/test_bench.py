@@ -152,3 +152,17 @@ def test_the_performance_page_is_rendered_from_results_json_alone(tmp_path):
     assert "dev faces: `tests/data/faces`" in text
     for absent in ("## Search alone", "## Gallery build", "## Memory", "failed"):
         assert absent not in text  # sections the run did not measure are left out, not shown empty
+
+
+def test_the_targets_of_sections_kept_in_their_own_files_are_listed_from_them(tmp_path):
+    results = {"meta": {"mode": "full", "date": "2026-01-01 00:00 UTC", "machine": {"cpu": "Test CPU", "cores": 2},
+                        "git_commit": "abc1234"},
+               "targets": [{"name": "fleet build photos/s, 2 workers / 1 worker", "target": 1.8, "value": None,
+                            "met": None}]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "fleet.json").write_text(json.dumps({"fleet": {"fleet_2_over_1": 1.9}}))
+    p = subprocess.run([sys.executable, "-m", "bench.report", str(tmp_path / "results.json"), "-o", "-"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "| fleet build photos/s, 2 workers / 1 worker | >= 1.8x | 1.9 | met |" in p.stdout
+    assert "evaluated from `bench/fleet.json`" in p.stdout
