@@ -36,7 +36,7 @@ from matcher.images import load_image
 from matcher.query import selfie_descriptor
 from matcher.writer import GalleryWriter, PendingPhoto
 
-GENERATOR_VERSION = 4  # 4: the query's stage ("real") holds STAGE_FACES synthetic faces besides the real ones
+GENERATOR_VERSION = 5  # 5: galleries with the projected codes file (`matcher.coarse`); 4: STAGE_FACES in "real"
 MARGIN = 0.55  # above the 0.5 match distance, with room for float32 rounding
 EXPANSION_FACES = 6  # a query's closest gallery faces whose averages with it are kept clear of
 FACES_PER_PHOTO = 4

@@ -41,7 +41,7 @@ def main(folder: str, hold: bool = False) -> None:
         "peak_rss": _high_water_mark(),
         "descriptor_bytes": gallery.vectors.nbytes,
         "mapped_descriptor_bytes": sum(b.nbytes for b in gallery.vectors.blocks if not b.flags.owndata),
-        "code_bytes": int(getattr(getattr(gallery.scanner, "codes", None), "ntotal", 0)) * 128,
+        "code_bytes": int(getattr(getattr(gallery.scanner, "codes", None), "nbytes", 0)),
         "metadata_bytes": int(metadata),
         **smaps_rollup(),
     }), flush=True)

@@ -234,7 +234,8 @@ def _search(r: Results) -> str:
                 "FAISS flat range search (one core)", "numpy matmul, precomputed norms", "floor", "fsw / floor",
                 "float32 rows / floor"], rows),
         "", _source("search.sizes", "search.bandwidth"), "",
-        f"A whole-gallery search scans the index rows' 8-bit codes (`matcher.coarse`, 128 bytes a face), one share "
+        f"A whole-gallery search scans the index rows' 8-bit codes (`matcher.coarse`, "
+        f"{largest.get('bytes_read', 0) / max(largest.get('codes') or 1, 1):.0f} bytes a face), one share "
         f"per core, then rechecks the rows near the query against the float32 rows in float64: the same answers as "
         f"the float32 scan (`faces_found`), at {int(largest['faces']):,} faces {_ms(largest['fsw'], 1)} ms, "
         f"{_x(largest['fsw_over_floor'])} the float32 floor and {_x(largest.get('fsw_over_read_floor'))} the floor of "
@@ -427,7 +428,8 @@ def _memory(r: Results) -> str:
     largest = _by_size(mem["processes"])[-1][1] if mem.get("processes") else {}
     if "bytes_per_face" in mem and largest.get("code_bytes"):
         out += ["", f"**{mem['bytes_per_face']} bytes a face** (`memory.bytes_per_face`): the 512-byte descriptor, "
-                "its 128-byte code (`matcher.coarse`: what a whole-gallery search scans), "
+                f"its {round(largest['code_bytes'] / largest['faces'])}-byte code (`matcher.coarse`: what a "
+                "whole-gallery search scans), "
                 f"{mem['metadata_bytes_per_face']} bytes of metadata (photo ids, boxes, the face-to-photo map) and "
                 "allocator overhead. The index file's rows and the codes are mapped, not copied: they count in each "
                 "process's RSS, but the page cache holds them once for every process on the machine."]

@@ -3,8 +3,8 @@
 A flat search of the float32 descriptors must read every one once (512 bytes a face), so no float32 scan
 can beat `bytes / bandwidth`, the floor. The bandwidth is measured in the same run with a large numpy copy,
 counted as STREAM does (bytes read + bytes written, per second), on one core. `Gallery.search` scans a
-whole gallery on the index rows' 8-bit codes (`matcher.coarse`: 128 bytes a face, then a float64 recheck
-of the few rows near the query), split over the cores, so it reads a quarter of the floor's bytes; its
+whole gallery on the index rows' 8-bit codes (`matcher.coarse`: 64 bytes a face, then a float64 recheck
+of the few rows near the query), split over the cores, so it reads an eighth of the floor's bytes; its
 time is also given against the floor of the bytes it reads (`fsw_over_read_floor`), and the float32
 scan over the cores (`fsw_float32`, what a gallery without codes does) against the float32 floor. FAISS's
 own range search scans one query on one core. A gallery that fits in the CPU's caches (10k faces: 5 MB)
@@ -79,8 +79,9 @@ def measure_search(gallery: Gallery, q: np.ndarray, repeats: int, bandwidth_gb_s
         runs["fsw_stage"], runs["faiss"], runs["numpy"])
     nbytes = gallery.vectors.nbytes
     floor_ms = nbytes / (bandwidth_gb_s * 1e9) * 1000
-    coded = gallery.scanner.codes.ntotal if isinstance(gallery.scanner, CoarseScan) else 0
-    read_bytes = coded * 128 + (len(gallery.vectors) - coded) * 512
+    codes = gallery.scanner.codes if isinstance(gallery.scanner, CoarseScan) else None
+    coded = codes.rows if codes else 0
+    read_bytes = (codes.nbytes if codes else 0) + (len(gallery.vectors) - coded) * 512
     read_floor_ms = read_bytes / (bandwidth_gb_s * 1e9) * 1000
     scope = gallery.scopes.get(stage)
     return {

@@ -202,7 +202,7 @@ def knn_range_search(
     when `params` selects some). Returns None when more than `max_k` rows lie within the radius (a GPU
     index returns at most 2048 neighbours): the caller must search another way. Unordered, int64.
     """
-    q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, DIM)
+    q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
     seen = index.ntotal if rows is None else rows
     if seen == 0:
         return np.zeros(0, np.int64)

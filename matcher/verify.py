@@ -227,10 +227,9 @@ def _check_coarse(folder: Path, m: layout.Manifest, v: Verdict, descriptors: np.
         return
     worst = 0.0
     for lo in range(0, m.index_faces, 1 << 16):
-        block = np.ascontiguousarray(descriptors[lo : min(lo + (1 << 16), m.index_faces)], dtype=np.float32)
-        decoded = codes.sa_decode(faiss.rev_swig_ptr(codes.codes.data(), codes.ntotal * 128)
-                                  [lo * 128 : (lo + len(block)) * 128].reshape(len(block), 128))
-        worst = max(worst, float(np.sqrt(((decoded.astype(np.float64) - block) ** 2).sum(axis=1)).max()))
+        hi = min(lo + (1 << 16), m.index_faces)
+        projected = codes.project(descriptors[lo:hi]).astype(np.float64)
+        worst = max(worst, float(np.sqrt(((codes.decoded(lo, hi) - projected) ** 2).sum(axis=1)).max()))
     if worst > m.coarse["error"]:
-        v.problems.append(f"{name}: a row lies {worst:.4f} from its code, beyond the recorded error "
+        v.problems.append(f"{name}: a row's projection lies {worst:.4f} from its code, beyond the recorded error "
                           f"{m.coarse['error']:.4f}: its codes are not those of the row files")

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -55,9 +56,21 @@ def crowd() -> tuple[np.ndarray, np.ndarray]:
 def test_the_codes_error_bounds_every_rows_distance_to_its_code(tmp_path, crowd):
     _, vectors = crowd
     entry, scan, _ = _codes_and_scan(vectors, tmp_path)
-    decoded = scan.codes.sa_decode(scan.codes.sa_encode(vectors)).astype(np.float64)
-    worst = np.sqrt(((decoded - vectors) ** 2).sum(axis=1)).max()
+    codes = scan.codes
+    assert codes.index.d == coarse.COARSE_DIMS and codes.nbytes == len(vectors) * coarse.COARSE_DIMS
+    projected = codes.project(vectors).astype(np.float64)
+    worst = np.sqrt(((codes.decoded(0, codes.rows) - projected) ** 2).sum(axis=1)).max()
     assert worst <= entry["error"] and 0.0 < entry["error"] < 0.05
+
+
+def test_the_projection_never_lengthens_a_difference(tmp_path, crowd):
+    query, vectors = crowd
+    _, scan, _ = _codes_and_scan(vectors, tmp_path)
+    a = faiss.vector_to_array(scan.codes.projection.A).reshape(coarse.COARSE_DIMS, 128).astype(np.float64)
+    assert np.allclose(a @ a.T, np.eye(coarse.COARSE_DIMS), atol=1e-6)  # orthonormal directions
+    differences = (vectors[:5000] - query).astype(np.float64)
+    shrunk = np.linalg.norm(differences @ a.T, axis=1) / np.linalg.norm(differences, axis=1)
+    assert shrunk.max() <= 1 + 1e-6
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
