@@ -124,7 +124,7 @@ def timed_together(fns: dict[Any, Callable[[], Any]], repeats: int, warmup: int 
     repeats = max(1, repeats)
     rounds = max(1, min(rounds, repeats))
     per_round = -(-repeats // rounds)
-    for r in range(rounds):
+    for _ in range(rounds):
         for name, fn in fns.items():
             time.sleep(pause_s)
             for _ in range(warmup):

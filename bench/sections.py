@@ -102,6 +102,18 @@ def jobs(ctx: Context) -> dict[str, Any]:
     out["largest_over_smallest"] = {
         e: ratio(out["fsw"][e][last]["median_ms"], out["fsw"][e][first]["median_ms"]) for e in c.engines
     }
+    # The sizes above are measured one after another, a minute apart on a shared machine: their ratio carries
+    # the machine's drift. The smallest and largest galleries' jobs again, interleaved in short blocks, give it
+    # without: this is the ratio the target reads.
+    ends = {size: Gallery.open(ctx.galleries.path(int(size))) for size in (first, last)}
+    pair = {size: partial(jobs_mod.fsw_job, g, ctx.encoder("onnx"), ctx.payload) for size, g in ends.items()}
+    together = timed_together(pair, 3 * c.job_repeats, warmup=1, rounds=c.job_repeats)
+    out["interleaved"] = {"engine": "onnx", "rounds": c.job_repeats,
+                          "sizes": {size: st for size, (st, _) in together.items()}}
+    out["interleaved"]["largest_over_smallest"] = ratio(together[last][0]["median_ms"],
+                                                        together[first][0]["median_ms"])
+    log(f"  onnx, {first} and {last} faces interleaved: {out['interleaved']['largest_over_smallest']}x")
+    del ends
     if "dlib" in c.engines and "onnx" in c.engines:
         out["onnx_over_dlib"] = {s: ratio(out["fsw"]["onnx"][s]["median_ms"], out["fsw"]["dlib"][s]["median_ms"])
                                  for s in out["fsw"]["onnx"]}
