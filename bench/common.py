@@ -136,6 +136,27 @@ def timed_together(fns: dict[Any, Callable[[], Any]], repeats: int, warmup: int 
     return {name: (stats(times[name]), results.get(name)) for name in fns}
 
 
+def timed_pairs(first: Callable[[], Any], second: Callable[[], Any], rounds: int, warmup: int = 1,
+                pause_s: float = 0.2) -> dict[str, Any]:
+    """Two methods timed in alternation, one run each a round (each after `warmup` untimed runs of its own,
+    and `pause_s` idle before those), and the median of the rounds' ratios second / first: a paired
+    measurement, so that the machine's drift between rounds, which a shared machine has, weighs on both sides
+    of each ratio alike."""
+    times: dict[str, list[float]] = {"first": [], "second": []}
+    for _ in range(max(1, rounds)):
+        for name, fn in (("first", first), ("second", second)):
+            time.sleep(pause_s)
+            for _ in range(warmup):
+                fn()
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    ratios = np.asarray(times["second"]) / np.asarray(times["first"])
+    return {"first": stats(times["first"]), "second": stats(times["second"]),
+            "ratio": round(float(np.median(ratios)), 3),
+            "ratio_p25_p75": [round(float(np.percentile(ratios, q)), 3) for q in (25, 75)]}
+
+
 def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 

@@ -106,7 +106,8 @@ def _the_run(meta: dict[str, Any]) -> str:
              for run in meta.get("merged", [])]
     return ("; ".join(sentences) + ". " + "".join(f"{_capital(x)}. " for x in later) + "Each figure is the median of "
             "several runs after a warm-up, with the p25-p75 spread in brackets; methods being compared run in "
-            "interleaved blocks, so a change in the machine's other load weighs on each of them alike.")
+            "interleaved blocks, each begun with an untimed run, so a change in the machine's other load weighs on "
+            "each of them alike and every timed run follows one of its own method.")
 
 
 def _faces(meta: dict[str, Any]) -> str:
@@ -167,8 +168,23 @@ def _jobs(r: Results) -> str:
     grow = jobs.get("largest_over_smallest", {})
     if grow.get("onnx"):
         sizes = jobs["sizes"]
-        text = (f"A job at {sizes[-1]:,} faces costs {grow['onnx']}x what it costs at {sizes[0]:,} through the "
-                f"matcher (`jobs.largest_over_smallest`)")
+        both = jobs.get("interleaved")
+        if both:
+            st = both["sizes"]
+            spread = "-".join(str(x) for x in both.get("ratio_p25_p75", []))
+            text = (f"A job at {sizes[-1]:,} faces costs {both['largest_over_smallest']}x what it costs at "
+                    f"{sizes[0]:,} through the matcher: the median of {both['rounds']} rounds' ratios, each round one "
+                    f"job on each gallery after an untimed one, back to back as a busy worker runs them ({spread} "
+                    f"p25-p75; {_ms(st[str(sizes[-1])], 1)} ms against {_ms(st[str(sizes[0])], 1)}, "
+                    f"`jobs.interleaved`); the table's sizes, measured one after another, give {grow['onnx']}x")
+            pause = both.get("after_pause")
+            if pause:
+                text += (f". With a {pause['pause_s']} s idle pause before each job the ratio is "
+                         f"{pause['largest_over_smallest']}x (`jobs.interleaved.after_pause`): on this virtual "
+                         "machine a scan split over both cores runs slower for a while after the cores idled")
+        else:
+            text = (f"A job at {sizes[-1]:,} faces costs {grow['onnx']}x what it costs at {sizes[0]:,} through the "
+                    f"matcher (`jobs.largest_over_smallest`)")
         scan = r.get("search", {}).get("sizes", {}).get(str(sizes[-1]), {}).get("fsw")
         if scan:  # these jobs name no stage: query expansion scans the whole gallery, then the search again
             text += (": a job without a stage whose query is expanded (this selfie's is) scans the whole gallery "
