@@ -187,7 +187,7 @@ def _jobs(r: Results) -> str:
                     f"matcher (`jobs.largest_over_smallest`)")
         scan = r.get("search", {}).get("sizes", {}).get(str(sizes[-1]), {}).get("fsw")
         if scan:  # these jobs name no stage: query expansion scans the whole gallery, then the search again
-            text += (": a job without a stage whose query is expanded (this selfie's is) scans the whole gallery "
+            text += (". A job without a stage whose query is expanded (this selfie's is) scans the whole gallery "
                      "twice (query expansion, then the search; "
                      f"{scan['median_ms']:.1f} ms a scan at {sizes[-1]:,} faces, `search.sizes`) besides the "
                      "selfie's detection and encoding. A job with a stage scans only the stage's faces and costs "

@@ -67,10 +67,9 @@ SCAN_GATHER_ROWS = 1024
 # of pairs), 48 let in 0.33%.
 COARSE_DIMS = 64
 # The k-NN searches that stand in for a range search on the 8-bit codes (`matcher.coarse`) start at this k,
-# in each core's share of the codes. Keeping k neighbours costs: at 1M faces on 2 cores a scan took 3.1 ms
-# with k = 256 and 3.9 ms with 1024, at 3.0 ms of memory-bandwidth floor. Each doubling costs a pass more,
-# and a person's photos in one share of an archive, with the near misses the codes' error lets in, are
-# rarely more than 256.
+# in each core's share of the codes. Keeping k neighbours costs: at 1M faces on 2 cores a scan took 1.9 ms
+# with k = 256, 2.5 ms with 1024 and 1.8 ms with 64. Each doubling costs a pass more, and a person's photos
+# in one share of an archive, with the near misses the codes let in, are rarely more than 256.
 COARSE_FIRST_K = 256
 # Past this many rows near a query in one thread's share, the float32 scan (FAISS's range search, one pass
 # whatever the matches) is cheaper than doubling k again: a threshold far below the default.
