@@ -86,7 +86,7 @@ def write(folder: Path, version: int, vectors: np.ndarray, dims: int = COARSE_DI
     blocks = range(0, len(vectors), _ENCODE_ROWS)
     low, high = np.inf, -np.inf
     for lo in blocks:
-        y = _project(vectors[lo : lo + _ENCODE_ROWS], a, b)
+        y = projection.apply(np.ascontiguousarray(vectors[lo : lo + _ENCODE_ROWS]))  # as a query is projected
         low, high = min(low, float(y.min())), max(high, float(y.max()))
     if not high > low:
         return None
@@ -95,7 +95,7 @@ def write(folder: Path, version: int, vectors: np.ndarray, dims: int = COARSE_DI
     codes.is_trained = True
     error = 0.0
     for lo in blocks:
-        y = _project(vectors[lo : lo + _ENCODE_ROWS], a, b)
+        y = projection.apply(np.ascontiguousarray(vectors[lo : lo + _ENCODE_ROWS]))
         encoded = codes.sa_encode(y)
         decoded = codes.sa_decode(encoded).astype(np.float64)
         error = max(error, float(np.sqrt(((decoded - y) ** 2).sum(axis=1)).max()))
@@ -118,10 +118,6 @@ def _principal_components(vectors: np.ndarray, dims: int) -> tuple[np.ndarray, n
     _, directions = np.linalg.eigh(scatter)  # ascending eigenvalues; orthonormal eigenvectors
     a = np.ascontiguousarray(directions[:, ::-1][:, :dims].T, dtype=np.float32)
     return a, (-(a.astype(np.float64) @ mean)).astype(np.float32)
-
-
-def _project(vectors: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(vectors, dtype=np.float32) @ a.T + b
 
 
 def problem(folder: Path, m: layout.Manifest) -> str | None:

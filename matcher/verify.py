@@ -230,6 +230,7 @@ def _check_coarse(folder: Path, m: layout.Manifest, v: Verdict, descriptors: np.
         hi = min(lo + (1 << 16), m.index_faces)
         projected = codes.project(descriptors[lo:hi]).astype(np.float64)
         worst = max(worst, float(np.sqrt(((codes.decoded(lo, hi) - projected) ** 2).sum(axis=1)).max()))
-    if worst > m.coarse["error"]:
+    # the writer projected the rows in its own blocks: float32 rounding may differ by far less than this
+    if worst > m.coarse["error"] * (1 + 1e-5) + 1e-6:
         v.problems.append(f"{name}: a row's projection lies {worst:.4f} from its code, beyond the recorded error "
                           f"{m.coarse['error']:.4f}: its codes are not those of the row files")

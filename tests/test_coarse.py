@@ -60,7 +60,7 @@ def test_the_codes_error_bounds_every_rows_distance_to_its_code(tmp_path, crowd)
     assert codes.index.d == coarse.COARSE_DIMS and codes.nbytes == len(vectors) * coarse.COARSE_DIMS
     projected = codes.project(vectors).astype(np.float64)
     worst = np.sqrt(((codes.decoded(0, codes.rows) - projected) ** 2).sum(axis=1)).max()
-    assert worst <= entry["error"] and 0.0 < entry["error"] < 0.05
+    assert worst <= entry["error"] * (1 + 1e-5) + 1e-6 and 0.0 < entry["error"] < 0.05  # float32 rounding apart
 
 
 def test_the_projection_never_lengthens_a_difference(tmp_path, crowd):
