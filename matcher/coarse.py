@@ -33,7 +33,17 @@ import numpy as np
 
 from matcher import index_file, layout
 from matcher.defaults import COARSE_DIMS, COARSE_FIRST_K, COARSE_MAX_K, SCAN_MIN_ROWS_PER_THREAD
-from matcher.scan import DIM, CpuScan, Descriptors, Ranges, knn_range_search, scan_pool, split_scope, whole
+from matcher.scan import (
+    DIM,
+    CpuScan,
+    Descriptors,
+    Ranges,
+    knn_range_search,
+    on_threads,
+    split_scope,
+    touch_pages,
+    whole,
+)
 
 QUANTIZER = faiss.ScalarQuantizer.QT_8bit_uniform
 _ENCODE_ROWS = 1 << 16  # rows projected, encoded and checked at a time: 32 MiB of floats
@@ -72,14 +82,15 @@ class Codes:
         return self.index.sa_decode(np.ascontiguousarray(codes).reshape(-1, width))
 
 
-def write(folder: Path, version: int, vectors: np.ndarray, dims: int = COARSE_DIMS) -> dict[str, Any] | None:
+def write(folder: Path, version: int, vectors: np.ndarray) -> dict[str, Any] | None:
     """Write the codes of `vectors` (float32 (n, 128), the index file's rows) as `file_name(version)`;
-    the manifest's `coarse` entry for it, or None when the rows have no spread to code (all equal)."""
+    the manifest's `coarse` entry for it, or None when the rows have no spread to code (all equal) or are not
+    finite."""
     vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, DIM)
-    if len(vectors) == 0 or not np.isfinite(vectors).all():
+    if len(vectors) == 0:
         return None
-    a, b = _principal_components(vectors, dims)
-    projection = faiss.LinearTransform(DIM, dims, True)
+    a, b = _principal_components(vectors, COARSE_DIMS)
+    projection = faiss.LinearTransform(DIM, COARSE_DIMS, True)
     faiss.copy_array_to_vector(a.ravel(), projection.A)
     faiss.copy_array_to_vector(b, projection.b)
     projection.is_trained = True
@@ -87,10 +98,12 @@ def write(folder: Path, version: int, vectors: np.ndarray, dims: int = COARSE_DI
     low, high = np.inf, -np.inf
     for lo in blocks:
         y = projection.apply(np.ascontiguousarray(vectors[lo : lo + _ENCODE_ROWS]))  # as a query is projected
+        if not np.isfinite(y).all():  # a row that is not finite (`fsw-index verify` reports it)
+            return None
         low, high = min(low, float(y.min())), max(high, float(y.max()))
     if not high > low:
         return None
-    codes = faiss.IndexScalarQuantizer(dims, QUANTIZER, faiss.METRIC_L2)
+    codes = faiss.IndexScalarQuantizer(COARSE_DIMS, QUANTIZER, faiss.METRIC_L2)
     faiss.copy_array_to_vector(np.asarray([low, high - low], np.float32), codes.sq.trained)  # every value in range
     codes.is_trained = True
     error = 0.0
@@ -157,9 +170,9 @@ def read(path: Path, faces: int) -> Codes:
 
 
 def touch(codes: Codes) -> None:
-    """Read one byte of every page of the mapped codes now, while a worker loads, not in its first search."""
+    """Map the codes' pages now, while a worker loads, not in its first search (`matcher.scan.touch_pages`)."""
     if codes.rows:
-        int(faiss.rev_swig_ptr(codes.index.codes.data(), codes.nbytes)[::4096].sum())
+        touch_pages(faiss.rev_swig_ptr(codes.index.codes.data(), codes.nbytes))
 
 
 class CoarseScan:
@@ -203,13 +216,8 @@ class CoarseScan:
             rows = knn_range_search(index, projected, radius, k=COARSE_FIRST_K, max_k=COARSE_MAX_K)
             return None if rows is None else rows + lo
 
-        if len(self.parts) == 1:
-            out = [share(self.parts[0])]
-        else:
-            pool = scan_pool(self.threads - 1)
-            futures = [pool.submit(share, part) for part in self.parts[1:]]
-            out = [share(self.parts[0])] + [f.result() for f in futures]
-        return None if any(rows is None for rows in out) else out  # type: ignore[misc]
+        out = on_threads(share, self.parts, self.threads)
+        return None if any(rows is None for rows in out) else out  # type: ignore[return-value]
 
 
 def _view(codes: faiss.IndexScalarQuantizer, lo: int, hi: int) -> faiss.IndexScalarQuantizer:

@@ -259,7 +259,7 @@ def _load_descriptors(folder: Path, m: layout.Manifest) -> tuple[scan.Descriptor
         if mapped.ntotal:
             block = faiss.rev_swig_ptr(mapped.get_xb(), mapped.ntotal * mapped.d).reshape(-1, mapped.d)
             block.flags.writeable = False  # the pages are mapped read-only: a write would crash the process
-            blocks.append(_touch(block))
+            blocks.append(scan.touch_pages(block))
     tail = list(rows.iter_descriptors(folder, m, start=mapped.ntotal if mapped is not None else 0))
     if tail:
         blocks.append(np.concatenate(tail) if len(tail) > 1 else tail[0])
@@ -293,14 +293,6 @@ def _return_freed_memory() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).malloc_trim(0)
-
-
-def _touch(block: np.ndarray) -> np.ndarray:
-    """Read one value of every page of a mapped block, so that its pages are mapped (and read from disk if
-    need be) now, while a worker loads, rather than during its first search."""
-    flat = block.reshape(-1)
-    float(flat[:: 4096 // 4].sum())
-    return block
 
 
 def stage_scopes(photo_ids: np.ndarray, photo_live: np.ndarray, face_photo: np.ndarray) -> dict[str, scan.Ranges]:

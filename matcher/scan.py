@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import faiss
 import numpy as np
@@ -27,6 +27,8 @@ import numpy as np
 from matcher.defaults import GPU_FIRST_K, SCAN_GATHER_ROWS, SCAN_MIN_ROWS_PER_THREAD
 
 DIM = 128
+T = TypeVar("T")
+R = TypeVar("R")
 Ranges = np.ndarray  # int64 (k, 2): sorted, disjoint row ranges [lo, hi)
 
 
@@ -153,10 +155,7 @@ class CpuScan:
         parts = split_scope(scope, self.threads, SCAN_MIN_ROWS_PER_THREAD)
         if len(parts) <= 1:
             return self._scan(q, radius, parts[0] if parts else scope[:0])
-        pool = scan_pool(self.threads - 1)
-        futures = [pool.submit(self._scan, q, radius, part) for part in parts[1:]]
-        found = [self._scan(q, radius, parts[0])] + [f.result() for f in futures]
-        return np.concatenate(found)
+        return np.concatenate(on_threads(lambda part: self._scan(q, radius, part), parts, self.threads))
 
     def _scan(self, q: np.ndarray, radius: float, part: Ranges) -> np.ndarray:
         """One thread's share: long pieces scanned in place, short ones gathered and scanned at once."""
@@ -237,6 +236,23 @@ def split_scope(scope: Ranges, parts: int, min_rows: int) -> list[Ranges]:
     if current:
         out.append(np.asarray(current, np.int64))
     return out
+
+
+def on_threads(work: Callable[[T], R], parts: Sequence[T], threads: int) -> list[R]:
+    """`work` of each part (at most `threads` parts), in order: the first in the calling thread, the others in
+    the shared pool of `threads - 1` (FAISS releases the GIL, so the parts are scanned at once)."""
+    if len(parts) <= 1:
+        return [work(part) for part in parts]
+    futures = [scan_pool(threads - 1).submit(work, part) for part in parts[1:]]
+    return [work(parts[0])] + [f.result() for f in futures]
+
+
+def touch_pages(array: np.ndarray) -> np.ndarray:
+    """Read one byte of every page of `array` (a mapped file's, C-contiguous), so that its pages are mapped
+    (and read from disk if need be) now, while a worker loads, rather than during its first search."""
+    if array.size:
+        int(array.reshape(-1).view(np.uint8)[::4096].sum())
+    return array
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

@@ -167,3 +167,11 @@ def test_a_manifest_naming_codes_without_an_index_file_is_refused(tmp_path):
     (folder / layout.MANIFEST_NAME).write_text(json.dumps(raw))
     with pytest.raises(layout.ManifestError, match="coarse"):
         layout.read_manifest(folder)
+
+
+def test_rows_that_cannot_be_coded_get_no_codes_file(tmp_path):
+    rows = _faces(np.random.default_rng(6), 100)
+    rows[7, 3] = np.nan
+    assert coarse.write(tmp_path, 1, rows) is None
+    assert coarse.write(tmp_path, 1, np.ones((5, 128), np.float32)) is None  # no spread to code
+    assert not list(tmp_path.iterdir())
