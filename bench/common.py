@@ -119,6 +119,26 @@ def timed_together(fns: dict[Any, Callable[[], Any]], repeats: int, warmup: int 
     run after another's pays for what the other evicted (measured: a whole-gallery search of 1M faces'
     codes took 3.3 ms back to back and 6.7 ms right after numpy's 512 MB scan, in the same process).
     """
+    times, results = _alternate(fns, repeats, warmup, rounds, pause_s)
+    return {name: (stats(times[name]), results.get(name)) for name in fns}
+
+
+def timed_pairs(first: Callable[[], Any], second: Callable[[], Any], rounds: int, warmup: int = 1,
+                pause_s: float = 0.2) -> dict[str, Any]:
+    """Two methods timed in alternation, one run each a round (`timed_together`'s blocks of one run), and
+    the median of the rounds' ratios second / first: a paired measurement, so that the machine's drift
+    between rounds, which a shared machine has, weighs on both sides of each ratio alike."""
+    times, _ = _alternate({"first": first, "second": second}, rounds, warmup, rounds, pause_s)
+    ratios = np.asarray(times["second"]) / np.asarray(times["first"])
+    return {"first": stats(times["first"]), "second": stats(times["second"]),
+            "ratio": round(float(np.median(ratios)), 3),
+            "ratio_p25_p75": [round(float(np.percentile(ratios, q)), 3) for q in (25, 75)]}
+
+
+def _alternate(fns: dict[Any, Callable[[], Any]], repeats: int, warmup: int, rounds: int,
+               pause_s: float) -> tuple[dict[Any, list[float]], dict[Any, Any]]:
+    """Each method's `repeats` timings (seconds, in order) in `rounds` interleaved blocks, each block after
+    `pause_s` idle and `warmup` untimed runs; and each method's last result."""
     results: dict[Any, Any] = {}
     times: dict[Any, list[float]] = {name: [] for name in fns}
     repeats = max(1, repeats)
@@ -133,28 +153,7 @@ def timed_together(fns: dict[Any, Callable[[], Any]], repeats: int, warmup: int 
                 t = time.perf_counter()
                 results[name] = fn()
                 times[name].append(time.perf_counter() - t)
-    return {name: (stats(times[name]), results.get(name)) for name in fns}
-
-
-def timed_pairs(first: Callable[[], Any], second: Callable[[], Any], rounds: int, warmup: int = 1,
-                pause_s: float = 0.2) -> dict[str, Any]:
-    """Two methods timed in alternation, one run each a round (each after `warmup` untimed runs of its own,
-    and `pause_s` idle before those), and the median of the rounds' ratios second / first: a paired
-    measurement, so that the machine's drift between rounds, which a shared machine has, weighs on both sides
-    of each ratio alike."""
-    times: dict[str, list[float]] = {"first": [], "second": []}
-    for _ in range(max(1, rounds)):
-        for name, fn in (("first", first), ("second", second)):
-            time.sleep(pause_s)
-            for _ in range(warmup):
-                fn()
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    ratios = np.asarray(times["second"]) / np.asarray(times["first"])
-    return {"first": stats(times["first"]), "second": stats(times["second"]),
-            "ratio": round(float(np.median(ratios)), 3),
-            "ratio_p25_p75": [round(float(np.percentile(ratios, q)), 3) for q in (25, 75)]}
+    return times, results
 
 
 def ratio(a: float, b: float) -> float | None:

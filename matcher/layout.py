@@ -102,7 +102,7 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "segments": (lambda v: isinstance(v, list), "a list of row files"),
     "index": (_null_or(is_file_name), "null or a file name in the gallery folder"),
     "index_sha256": (_null_or(_sha256), "null or 64 hex digits"),
-    "coarse": (_null_or(lambda v: _coarse_entry(v)), "null or {file, sha256, error} of the index's codes"),
+    "coarse": (_null_or(_coarse_entry), "null or {file, sha256, error} of the index's codes"),
     "forgotten": (_null_or(is_file_name), "null or a file name in the gallery folder"),
     "forgotten_sha256": (_null_or(_sha256), "null or 64 hex digits"),
     "photo_root": (lambda v: isinstance(v, str), "a string"),

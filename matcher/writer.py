@@ -152,7 +152,7 @@ class GalleryWriter:
         place, so that a kill now cannot harm it either.
         """
         m = self.manifest
-        named = {f.name for f in rows.data_files(m)} | {m.index, layout.coarse_file(m), m.forgotten}
+        named = _named_files(m)
         for p in self.folder.iterdir():
             if _is_leftover(p.name, named):
                 _unlink(p)
@@ -304,8 +304,7 @@ class GalleryWriter:
 
     def _delete_unnamed(self, *manifests: layout.Manifest) -> None:
         """Delete the row, index and forgotten files none of `manifests` names."""
-        named = set().union(*({f.name for f in rows.data_files(m)} | {m.index, layout.coarse_file(m), m.forgotten}
-                               for m in manifests))
+        named = set().union(*(_named_files(m) for m in manifests))
         for p in self.folder.iterdir():
             if _is_old(p.name, named):
                 _unlink(p)
@@ -438,6 +437,11 @@ def _empty_rows() -> Rows:
 def _index_due(m: layout.Manifest) -> bool:
     tail = m.faces - m.index_faces
     return tail > 0 and (m.index is None or tail > defaults.INDEX_REWRITE_SHARE * m.faces)
+
+
+def _named_files(m: layout.Manifest) -> set[str | None]:
+    """The files a version needs: its row files, index file, codes file and forgotten faces' file."""
+    return {f.name for f in rows.data_files(m)} | {m.index, layout.coarse_file(m), m.forgotten}
 
 
 def _is_old(name: str, named: set[str | None]) -> bool:

@@ -49,6 +49,13 @@ def test_job_latency_has_a_median_and_spread_per_method_and_size(quick_run):
             _timing(st)
     for st in jobs["numpy"].values():
         _timing(st)
+    paired = jobs["interleaved"]  # the smallest and largest galleries, paired round by round: the target's ratio
+    assert set(paired["sizes"]) == {str(jobs["sizes"][0]), str(jobs["sizes"][-1])}
+    for st in (*paired["sizes"].values(), *paired["after_pause"]["sizes"].values()):
+        _timing(st)
+        assert st["n"] == paired["rounds"]
+    low, high = paired["ratio_p25_p75"]
+    assert low <= paired["largest_over_smallest"] <= high
 
 
 def test_synthetic_faces_leave_the_selfies_results_unchanged(quick_run):
